@@ -1,0 +1,1 @@
+"""Compression methods as pure functions on nn.Modules: pruning, low-rank, quantization, distillation."""
