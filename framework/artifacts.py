@@ -1,0 +1,120 @@
+"""A stage's artifact on disk, written so that a crash never leaves a half artifact that looks whole.
+
+Layout (ARCHITECTURE.md): <stage_dir>/{model/, metrics.json, config.yaml, fingerprint, COMPLETE, checkpoints/}.
+Every file is written to a temporary name and renamed; COMPLETE is renamed into place last, so a
+directory without it is not an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+import framework
+
+COMPLETE = "COMPLETE"
+FINGERPRINT = "fingerprint"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+MODEL = "model"
+
+
+class StageConflictError(RuntimeError):
+    """A stage directory holds work of a different config."""
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str) -> Iterator[str]:
+    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fingerprint(stage_config: DictConfig | dict, input_fingerprints: list[str] = ()) -> str:
+    """Hash of what determines a stage's result: its config, its inputs' fingerprints, our version."""
+    if isinstance(stage_config, DictConfig):
+        stage_config = OmegaConf.to_container(stage_config, resolve=True)
+    payload = json.dumps(
+        {"config": stage_config, "inputs": list(input_fingerprints), "version": framework.__version__},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def is_complete(stage_dir: str, expected_fingerprint: str | None = None) -> bool:
+    if not os.path.isfile(os.path.join(stage_dir, COMPLETE)):
+        return False
+    return expected_fingerprint is None or read_fingerprint(stage_dir) == expected_fingerprint
+
+
+def read_fingerprint(stage_dir: str) -> str | None:
+    path = os.path.join(stage_dir, FINGERPRINT)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def read_metrics(stage_dir: str) -> dict:
+    with open(os.path.join(stage_dir, METRICS)) as f:
+        return json.load(f)
+
+
+def invalidate(stage_dir: str) -> None:
+    """Mark a stage as not done (before redoing it), keeping its checkpoints for resume."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(stage_dir, COMPLETE))
+
+
+def write_artifact(stage_dir: str, save_model, metrics: dict, config: DictConfig | dict, stage_fingerprint: str) -> None:
+    """Write model/ (through `save_model(directory)`), metrics, config and fingerprint, then COMPLETE."""
+    invalidate(stage_dir)
+    with atomic_directory(os.path.join(stage_dir, MODEL)) as tmp:
+        save_model(tmp)
+    metrics = dict(metrics, size_bytes=directory_size(os.path.join(stage_dir, MODEL)))
+    atomic_write_json(os.path.join(stage_dir, METRICS), metrics)
+    config_yaml = OmegaConf.to_yaml(config if isinstance(config, DictConfig) else OmegaConf.create(config))
+    atomic_write_text(os.path.join(stage_dir, CONFIG), config_yaml)
+    atomic_write_text(os.path.join(stage_dir, FINGERPRINT), stage_fingerprint + "\n")
+    atomic_write_text(os.path.join(stage_dir, COMPLETE), stage_fingerprint + "\n")
+
+
+def directory_size(directory: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names
+    )

@@ -1,0 +1,115 @@
+"""Training callbacks: throughput and MFU, a NaN/inf guard, atomic checkpoints that also save on Ctrl-C."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls of N non-embedding parameters, plus attention.
+
+    The attention term 12·L·d·T (scores and weighted sum, forward and backward) follows the PaLM
+    paper's appendix B; embeddings are lookups and cost no matmul.
+    """
+    config = model.config
+    embedding_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params = sum(p.numel() for p in model.parameters()) - embedding_params
+    if getattr(config, "tie_word_embeddings", False):
+        params += model.get_output_embeddings().weight.numel()  # the lm_head matmul still happens
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    return 6 * params + 12 * layers * width * seq_len
+
+
+@functools.lru_cache(maxsize=4)
+def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024, seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s this machine reaches in `dtype` (the MFU denominator when none is configured)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    (a @ b).sum().item()  # warm-up, and a sync on GPUs
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        c = a @ b
+        runs += 1
+    c.sum().item()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+class Throughput(pl.Callback):
+    """Logs tokens/s and model FLOPs utilisation every step; totals go into metrics.json."""
+
+    def __init__(self, peak_flops: float | None = None, precision: str = "32-true"):
+        self.peak_flops = peak_flops
+        self.dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+        self.total_tokens, self.total_seconds = 0, 0.0
+        self._flops_per_token = None
+        self._last = None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.peak_flops is None:
+            self.peak_flops = measure_peak_flops(self.dtype, pl_module.device.type)
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        input_ids = batch["input_ids"]
+        if self._flops_per_token is None:
+            self._flops_per_token = flops_per_token(pl_module.model, input_ids.shape[1])
+        tokens = input_ids.numel() * trainer.world_size
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+        pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
+        pl_module.log("train/mfu", self._flops_per_token * input_ids.numel() / seconds / self.peak_flops)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._last = time.perf_counter()  # validation time is not training time
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.total_tokens / self.total_seconds if self.total_seconds else 0.0
+
+
+class NanGuard(pl.Callback):
+    """Stops at the first non-finite loss, before a checkpoint of the broken weights can be written."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            checkpoint = trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {trainer.global_step}; the last good checkpoint is "
+                f"{checkpoint or 'none yet'} (lower optimizer.lr or use precision=32-true)"
+            )
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files appear whole or not at all, and which also saves on Ctrl-C."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        directory, name = os.path.split(filepath)
+        tmp = os.path.join(directory, f".{name}.tmp")
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("atomic_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > self._last_global_step_saved:
+            log.info("interrupted: saving %s at step %d", self.CHECKPOINT_NAME_LAST, trainer.global_step)
+            self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))

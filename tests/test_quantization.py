@@ -1,0 +1,160 @@
+import copy
+
+import pytest
+import torch
+import transformers
+
+from framework.compression.quantization import (
+    METHODS,
+    convert_qat,
+    load_quantized,
+    model_size_bytes,
+    prepare_qat,
+    quantize_ptq,
+    save_quantized,
+)
+
+INT8_METHODS = ("int8_weight_only", "int8_dynamic")
+
+
+def _config(vocab_size: int = 1536) -> transformers.LlamaConfig:
+    # vocab 1536 x hidden 128: the tied embedding is ~21% of the parameters, like SmolLM2-135M.
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 1536, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def fp32_size(fp32_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fp32")
+    fp32_model.save_pretrained(directory)
+    return model_size_bytes(directory)
+
+
+def _weight_formats(model) -> dict:
+    """Per parameter: the tensor class and its activation-quantization settings."""
+    return {
+        name: (type(p).__name__, repr(getattr(p, "act_quant_kwargs", None)))
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+@pytest.mark.parametrize("method", INT8_METHODS)
+def test_ptq_quantizes_every_linear_and_the_tied_embedding(fp32_model, method):
+    model = quantize_ptq(copy.deepcopy(fp32_model), method)
+    formats = _weight_formats(model)
+    assert formats["model.layers.0.mlp.down_proj.weight"][0] == "Int8Tensor"
+    assert formats["model.embed_tokens.weight"][0] == "Int8Tensor"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert formats["model.norm.weight"][0] == "Parameter"
+
+
+@pytest.mark.parametrize("method", INT8_METHODS)
+def test_ptq_logits_close_to_fp32(fp32_model, tokens, method):
+    expected = _logits(fp32_model, tokens)
+    actual = _logits(quantize_ptq(copy.deepcopy(fp32_model), method), tokens)
+    assert _relative_error(actual, expected) < 0.05
+
+
+@pytest.mark.parametrize("method", INT8_METHODS)
+def test_save_load_is_small_and_exact(fp32_model, fp32_size, tokens, tmp_path, method):
+    model = quantize_ptq(copy.deepcopy(fp32_model), method)
+    save_quantized(model, str(tmp_path), method)
+    assert model_size_bytes(str(tmp_path)) <= 0.35 * fp32_size
+
+    reloaded = load_quantized(str(tmp_path))
+    assert torch.equal(_logits(reloaded, tokens), _logits(model, tokens))
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert _weight_formats(reloaded) == _weight_formats(model)
+
+
+def test_bf16_untied_model_round_trips_exactly(tmp_path):
+    config = _config(vocab_size=256)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    # .to() also casts the RoPE buffers, which a model built from the config would not have.
+    model = quantize_ptq(transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), "int8_dynamic")
+    assert type(model.lm_head.weight).__name__ == type(model.model.embed_tokens.weight).__name__ == "Int8Tensor"
+    save_quantized(model, str(tmp_path), "int8_dynamic")
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.equal(_logits(load_quantized(str(tmp_path)), tokens), _logits(model, tokens))
+
+
+def test_unknown_method_lists_methods(fp32_model, tmp_path):
+    for call in (
+        lambda: quantize_ptq(copy.deepcopy(fp32_model), "fp2"),
+        lambda: prepare_qat(copy.deepcopy(fp32_model), "fp2"),
+        lambda: save_quantized(fp32_model, str(tmp_path), "fp2"),
+    ):
+        with pytest.raises(ValueError, match="int8_dynamic"):
+            call()
+
+
+def test_int4_runs_or_raises_clear_runtime_error(fp32_model, tokens):
+    model = copy.deepcopy(fp32_model)
+    try:
+        quantize_ptq(model, "int4_weight_only", group_size=32)
+    except RuntimeError as error:
+        assert "int4_weight_only" in str(error) and "kernel" in str(error)
+        return
+    assert _relative_error(_logits(model, tokens), _logits(fp32_model, tokens)) < 0.2
+
+
+@pytest.mark.parametrize("method", INT8_METHODS)
+def test_qat_trains_then_converts_to_the_ptq_format(method):
+    config = _config(vocab_size=256)
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    source = transformers.LlamaForCausalLM(config)
+    tokens = torch.randint(0, 256, (2, 16))
+    model = prepare_qat(copy.deepcopy(source), method)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "FakeQuantizedLinear"
+    assert type(model.model.embed_tokens).__name__ == "FakeQuantizedEmbedding"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    fake_quantized = _logits(model.eval(), tokens)
+    converted = convert_qat(model, method)
+    ptq = quantize_ptq(source, method)
+    assert _weight_formats(converted) == _weight_formats(ptq)
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight
+    assert _relative_error(_logits(converted, tokens), fake_quantized) < 1e-4
+
+
+def test_methods_constant():
+    assert METHODS == ("int8_weight_only", "int8_dynamic", "int4_weight_only")
