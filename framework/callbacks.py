@@ -74,13 +74,17 @@ class Throughput(pl.Callback):
         self.total_seconds += seconds
         pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
         pl_module.log("train/mfu", self._flops_per_token * input_ids.numel() / seconds / self.peak_flops)
+        # Totals travel as logged metrics: they reach the main process under ddp_spawn too.
+        pl_module.log_dict({"train/steps": float(trainer.global_step), "train/tokens_total": float(self.total_tokens), "train/seconds_total": self.total_seconds})
 
     def on_validation_end(self, trainer, pl_module):
         self._last = time.perf_counter()  # validation time is not training time
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.total_tokens / self.total_seconds if self.total_seconds else 0.0
+    def state_dict(self) -> dict:
+        return {"total_tokens": self.total_tokens, "total_seconds": self.total_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total_tokens, self.total_seconds = state_dict["total_tokens"], state_dict["total_seconds"]
 
 
 class NanGuard(pl.Callback):

@@ -347,10 +347,18 @@ def _package_dir(package: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def register_resolvers() -> None:
+def register() -> None:
+    """Make our resolvers and schemas known to OmegaConf and Hydra (before any config is composed).
+
+    The schemas are the first default of each recipe's config, so Hydra merges every YAML choice and
+    every command-line override into a typed node: a wrong type or an unknown key fails at once.
+    """
+    from hydra.core.config_store import ConfigStore
+
     for name, fn in (("run_name", _run_name), ("package_dir", _package_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-register_resolvers()
+register()

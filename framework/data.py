@@ -142,6 +142,8 @@ def pack(token_lists: list[list[int]], block_size: int, eos_id: int) -> torch.Te
 def tokenize_and_pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
     import datasets
 
+    if not texts:
+        return torch.empty(0, block_size, dtype=torch.long)
     dataset = datasets.Dataset.from_dict({"text": texts})
     encoded = dataset.map(
         lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},

@@ -15,7 +15,7 @@ from framework import artifacts
 from framework.callbacks import AtomicCheckpoint, NanGuard, Throughput
 from framework.config import as_plain, validate_train_config
 from framework.data import LMDataModule, corpus_id, load_documents
-from framework.evaluation import model_metrics
+from framework.evaluation import evaluate_loss, model_metrics, perplexity
 from framework.models import build_model_and_tokenizer
 from framework.modules import CausalLMModule
 from framework.tracking import build_loggers, finish
@@ -167,6 +167,7 @@ def train(
     datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
     if prepare_model is not None:
         model = prepare_model(model, datamodule)
+    val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
     if cfg.finetune.method == "lora":
         model = apply_lora(model, cfg.finetune)
     module = (module_factory or default_module)(model, cfg)
@@ -184,21 +185,30 @@ def train(
         final = merged_model(module.model).float()
         metrics = model_metrics(final, datamodule.val_blocks(), cfg.data.batch_size)
         metrics.update(
-            train_steps=trainer.global_step,
-            train_tokens=throughput.total_tokens,
-            train_tokens_per_s=throughput.tokens_per_second,
+            val_loss_start=val_loss_start,
+            val_ppl_start=perplexity(val_loss_start),
+            **_training_totals(trainer, throughput),
             train_loss=_final(trainer, "train/loss"),
             wall_time_s=time.perf_counter() - started,
         )
         artifacts.write_artifact(stage_dir, lambda d: _save_hf(final, tokenizer, d), metrics, cfg, stage_fingerprint)
         log.info("%s: val_ppl %.2f after %d steps", stage_dir, metrics["val_ppl"], trainer.global_step)
-        return metrics
+        return artifacts.read_metrics(stage_dir)
     finally:
         finish(loggers)
 
 
 def default_module(model, cfg: DictConfig) -> pl.LightningModule:
     return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+
+
+def _training_totals(trainer: pl.Trainer, throughput: Throughput) -> dict:
+    # Logged totals come back from ddp_spawn workers; the callback's own (checkpointed) state covers
+    # a rerun that had nothing left to train.
+    steps = _final(trainer, "train/steps") or trainer.global_step
+    tokens = _final(trainer, "train/tokens_total") or throughput.total_tokens
+    seconds = _final(trainer, "train/seconds_total") or throughput.total_seconds
+    return {"train_steps": int(steps), "train_tokens": int(tokens), "train_tokens_per_s": tokens / seconds if seconds else 0.0}
 
 
 def _final(trainer: pl.Trainer, key: str) -> float | None:

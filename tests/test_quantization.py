@@ -101,7 +101,8 @@ def test_bf16_untied_model_round_trips_exactly(tmp_path):
     torch.manual_seed(0)
     # .to() also casts the RoPE buffers, which a model built from the config would not have.
     model = quantize_ptq(transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), "int8_dynamic")
-    assert type(model.lm_head.weight).__name__ == type(model.model.embed_tokens.weight).__name__ == "Int8Tensor"
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    assert type(model.model.embed_tokens.weight).__name__ == "Int8Tensor"
     save_quantized(model, str(tmp_path), "int8_dynamic")
     tokens = torch.randint(0, 256, (1, 8))
     assert torch.equal(_logits(load_quantized(str(tmp_path)), tokens), _logits(model, tokens))

@@ -57,7 +57,8 @@ def distillation_loss(
         raise ValueError(f"Unknown distillation loss {kind!r}; expected one of {LOSS_KINDS}")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
-            f"Student vocabulary size {student_logits.shape[-1]} != teacher vocabulary size {teacher_logits.shape[-1]}"
+            f"Student vocabulary size {student_logits.shape[-1]} != "
+            f"teacher vocabulary size {teacher_logits.shape[-1]}"
         )
     targets = labels[:, 1:]
     keep = targets != ignore_index
@@ -78,7 +79,8 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if teacher_vocab == student_vocab:
         return
-    differing = {t for t in teacher_vocab.keys() | student_vocab.keys() if teacher_vocab.get(t) != student_vocab.get(t)}
+    tokens = teacher_vocab.keys() | student_vocab.keys()
+    differing = {t for t in tokens if teacher_vocab.get(t) != student_vocab.get(t)}
     examples = sorted(differing)[:3]
     raise ValueError(
         f"Teacher and student tokenizers differ (teacher {len(teacher_vocab)} tokens, student "
@@ -91,7 +93,8 @@ def check_vocab_sizes(teacher_config, student_config) -> None:
     """Raise ValueError when the two model configs have different vocabulary sizes."""
     if teacher_config.vocab_size != student_config.vocab_size:
         raise ValueError(
-            f"Teacher vocab_size {teacher_config.vocab_size} != student vocab_size {student_config.vocab_size}"
+            f"Teacher vocab_size {teacher_config.vocab_size} != "
+            f"student vocab_size {student_config.vocab_size}"
         )
 
 
@@ -100,7 +103,9 @@ def _kept_layers(num_teacher: int, num_layers: int | None, layer_ratio: float | 
     if num_layers is None:
         num_layers = num_teacher if layer_ratio is None else round(num_teacher * layer_ratio)
     if not min(2, num_teacher) <= num_layers <= num_teacher:
-        raise ValueError(f"Student needs between {min(2, num_teacher)} and {num_teacher} layers, got {num_layers}")
+        raise ValueError(
+            f"Student needs between {min(2, num_teacher)} and {num_teacher} layers, got {num_layers}"
+        )
     if num_layers == 1:
         return [0]
     step = (num_teacher - 1) / (num_layers - 1)  # >= 1, so the rounded indices are distinct

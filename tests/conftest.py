@@ -1,0 +1,43 @@
+"""Shared test set-up: offline, configs composed as the recipes compose them, tiny and fast defaults."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import framework.config  # noqa: F401  (registers the resolvers)
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+# Small and quick: the nano model, short blocks, few validation blocks, no progress bar.
+FAST = [
+    "model=llama_nano",
+    "data.block_size=64",
+    "data.batch_size=8",
+    "data.max_val_blocks=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=1000",
+    "trainer.log_every_n_steps=1",
+    "precision=32-true",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], run_dir: str | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        extra = [f"run_dir={run_dir}"] if run_dir else ["run_dir=outputs/test"]
+        return compose(config_name=config_name, overrides=[*overrides, *extra])
+
+
+@pytest.fixture
+def train_config(tmp_path):
+    """A composed train config with the FAST settings and a run_dir in tmp_path; pass more overrides."""
+
+    def make(*overrides: str, run_dir=None) -> DictConfig:
+        return compose_config("train", [*FAST, *overrides], run_dir=str(run_dir or tmp_path / "run"))
+
+    return make

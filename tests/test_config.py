@@ -1,0 +1,119 @@
+"""Every config composes; every bad input is refused before heavy work with one line naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from framework.config import ConfigError, validate_train_config
+from tests.conftest import CONF_DIR, compose_config
+
+GROUP_NEEDS = {  # options that need a value the user must give
+    ("model", "hf"): ["model.path={smol_dir}"],
+    ("data", "text_files"): ["data.paths=[{text_file}]"],
+    ("data", "hf_dataset"): ["data.hf_name=wikitext"],
+}
+GPU_ONLY = {("precision", "16-mixed"), ("strategy", "fsdp"), ("strategy", "deepspeed")}
+
+
+def config_options():
+    for group in sorted(os.listdir(CONF_DIR)):
+        folder = os.path.join(CONF_DIR, group)
+        if os.path.isdir(folder) and group not in ("hydra", "experiment", "pipeline", "hparams_search"):
+            for name in sorted(os.listdir(folder)):
+                yield group, name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("group,option", list(config_options()))
+def test_every_config_option_composes_and_validates(group, option, tmp_path):
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("hello world " * 100)
+    smol_dir = tmp_path / "model"
+    smol_dir.mkdir()
+    (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
+    cfg = compose_config("train", [f"{group}={option}", *extra])
+    assert cfg[group] is not None
+    if (group, option) in GPU_ONLY:
+        with pytest.raises(ConfigError, match="CUDA"):
+            validate_train_config(cfg)
+    elif (group, option) == ("data", "hf_dataset"):
+        validate_train_config(cfg)  # a hub name is only checked when it is loaded
+    else:
+        typed = validate_train_config(cfg)
+        assert typed.precision.name != "auto"  # auto resolves to what this machine runs well
+
+
+def test_experiment_presets_compose():
+    folder = os.path.join(CONF_DIR, "experiment")
+    for name in sorted(os.listdir(folder)):
+        cfg = compose_config("train", [f"experiment={name.removesuffix('.yaml')}"])
+        assert cfg.model.name
+
+
+BAD_INPUTS = [
+    (["optimizer.lr=-1"], "optimizer.lr", "must be > 0"),
+    (["optimizer.lr=0"], "optimizer.lr", "must be > 0"),
+    (["optimizer.name=adagrad"], "optimizer.name", "not one of adamw, adam, sgd, rmsprop"),
+    (["data.block_size=1024", "model.max_position_embeddings=512"], "data.block_size", "larger than the model's 512"),
+    (["data.batch_size=0"], "data.batch_size", "must be > 0"),
+    (["precision=16-mixed"], "precision", "needs a CUDA GPU"),
+    (["strategy=fsdp"], "strategy", "needs CUDA GPUs"),
+    (["strategy=deepspeed"], "strategy", "needs CUDA GPUs"),
+    (["data=text_files", "data.paths=[/no/such/file.txt]"], "data.paths", "does not exist"),
+    (["model=hf", "model.path=/tmp"], "model.path", "holds no model"),
+    (["model=hf", "model.path=/no/such/dir"], "model.path", "does not exist"),
+    (["trainer.max_steps=0"], "trainer.max_steps", "must be > 0"),
+    (["data.val_fraction=1.5"], "data.val_fraction", "between 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,message", BAD_INPUTS)
+def test_bad_input_gives_one_line_error_naming_the_key(overrides, key, message):
+    cfg = compose_config("train", overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(cfg)
+    assert error.value.key == key
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("optimizer.lr=fast", "could not be converted to Float"), ("optimizer.learning_rate=1e-3", "Could not override")],
+)
+def test_wrong_type_or_unknown_key_is_refused_when_composing(override, message):
+    # The schemas are part of the composed config, so Hydra checks overrides against them.
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("train", [override])
+    assert message in str(error.value) + str(error.value.__cause__)
+
+
+def test_unknown_config_group_option_is_refused():
+    with pytest.raises(MissingConfigException, match="optimizer/adagrad"):
+        compose_config("train", ["optimizer=adagrad"])
+
+
+def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):
+    from framework.training import train
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just a few words")
+    cfg = train_config("data=text_files", f"data.paths=[{tiny}]", f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match="smaller than one block") as error:
+        train(cfg)
+    assert error.value.key == "data.block_size"
+
+
+def test_recipe_prints_the_error_as_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "recipes/train.py", "optimizer.lr=-0.1", f"run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: optimizer.lr: must be > 0, got -0.1"
+    assert "Traceback" not in result.stderr
