@@ -164,6 +164,86 @@ class TrainConfig:
 
 TRAIN_SECTIONS = tuple(TrainConfig.__dataclass_fields__)
 
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "structured", "gradual")
+QUANT_METHODS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    scope: str = "layer"  # magnitude: per layer or global
+    n_m: Optional[list[int]] = None  # e.g. [2, 4]: semi-structured N:M instead of `sparsity`
+    calibration_samples: int = 32  # train-split blocks of data.block_size tokens
+    block_size: int = 128  # sparsegpt column block
+    damp: float = 0.01  # sparsegpt Hessian dampening, relative to its mean diagonal
+    heads_ratio: float = 0.0  # structured: fraction of KV groups (with their query heads) to remove
+    mlp_ratio: float = 0.0  # structured: fraction of MLP channels to remove
+    drop_layers: int = 0  # structured: whole decoder layers to remove
+    start_step: int = 0  # gradual: cubic schedule from start_step to end_step
+    end_step: int = 50
+    every_n_steps: int = 10
+
+
+@dataclass
+class LowRankConfig:
+    rank: Optional[int] = None
+    energy: Optional[float] = 0.9  # keep the smallest rank holding this share of squared singular values
+    targets: list[str] = field(default_factory=lambda: ["mlp"])
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "int8_dynamic"
+    group_size: int = 128  # int4
+    qat: bool = False  # fake-quantized finetune for trainer.max_steps, then conversion
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None  # teacher artifact directory (a pipeline names a stage instead)
+    loss: str = "forward_kl"
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft (teacher) loss; 1 - alpha on hard-label cross-entropy
+    student: str = "derive"  # derive: layers/width cut from the teacher (Minitron) | config: the `model` group
+    num_layers: Optional[int] = None
+    layer_ratio: Optional[float] = 0.5
+    intermediate_ratio: float = 1.0
+    baseline: bool = True  # also train the same student without a teacher, for comparison
+
+
+@dataclass
+class PruneStageConfig(TrainConfig):
+    input: Optional[str] = None  # the artifact directory this stage reads
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
+@dataclass
+class LowRankStageConfig(TrainConfig):
+    input: Optional[str] = None
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+
+
+@dataclass
+class QuantizeStageConfig(TrainConfig):
+    input: Optional[str] = None
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+
+@dataclass
+class DistillStageConfig(TrainConfig):
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+STAGE_SCHEMAS = {
+    "train": TrainConfig,
+    "prune": PruneStageConfig,
+    "lowrank": LowRankStageConfig,
+    "quantize": QuantizeStageConfig,
+    "distill": DistillStageConfig,
+}
+
 
 def to_schema(cfg: DictConfig | dict, schema: type) -> DictConfig:
     """Merge `cfg` into the dataclass `schema`: wrong types and unknown keys become ConfigError."""
@@ -186,19 +266,57 @@ def _allowed_keys(schema: type, full_key: str) -> list[str]:
     return list(node.__dataclass_fields__)
 
 
-def train_section(cfg: DictConfig) -> DictConfig:
-    """The part of a composed Hydra config that the train stage uses (drops pipeline-only keys)."""
-    return OmegaConf.create({k: cfg[k] for k in TRAIN_SECTIONS if k in cfg})
-
-
-def validate_train_config(cfg: DictConfig) -> DictConfig:
-    """Type-check and range-check a train config before any heavy work; returns the typed config."""
-    cfg = to_schema(train_section(cfg), TrainConfig)
+def validate_train_config(cfg: DictConfig, schema: type = TrainConfig) -> DictConfig:
+    """Type-check and range-check a stage config before any heavy work; returns the typed config."""
+    keys = schema.__dataclass_fields__
+    cfg = to_schema(OmegaConf.create({k: cfg[k] for k in keys if k in cfg}), schema)
     _check_model(cfg.model)
     _check_data(cfg.data)
     _check_optimization(cfg)
     _check_machine(cfg)
     return cfg
+
+
+def validate_stage_config(cfg: DictConfig, kind: str) -> DictConfig:
+    """validate_train_config plus the checks of the stage's own section."""
+    cfg = validate_train_config(cfg, STAGE_SCHEMAS[kind])
+    if kind == "prune":
+        _check_prune(cfg.prune, cfg.trainer.max_steps)
+    elif kind == "quantize":
+        _one_of("quantize.method", cfg.quantize.method, QUANT_METHODS)
+        if cfg.quantize.qat and cfg.trainer.max_steps == 0:
+            raise ConfigError("trainer.max_steps", "quantize.qat=true needs training steps (> 0)")
+    elif kind == "lowrank":
+        if (cfg.lowrank.rank is None) == (cfg.lowrank.energy is None):
+            raise ConfigError("lowrank.rank", "set exactly one of lowrank.rank and lowrank.energy")
+    elif kind == "distill":
+        _check_distill(cfg.distill, cfg.trainer.max_steps)
+    return cfg
+
+
+def _check_prune(prune: DictConfig, max_steps: int) -> None:
+    _one_of("prune.method", prune.method, PRUNE_METHODS)
+    if not 0 <= prune.sparsity < 1:
+        raise ConfigError("prune.sparsity", f"must be in [0, 1), got {prune.sparsity}")
+    _one_of("prune.scope", prune.scope, ("layer", "global"))
+    if prune.n_m is not None and (len(prune.n_m) != 2 or not 0 < prune.n_m[0] < prune.n_m[1]):
+        raise ConfigError("prune.n_m", f"must be [N, M] with 0 < N < M, got {list(prune.n_m)}")
+    _positive("prune.calibration_samples", prune.calibration_samples)
+    if prune.method == "gradual" and max_steps <= prune.end_step:
+        raise ConfigError("trainer.max_steps", f"gradual pruning needs more steps than prune.end_step={prune.end_step}")
+
+
+def _check_distill(distill: DictConfig, max_steps: int) -> None:
+    if not distill.teacher:
+        raise ConfigError("distill.teacher", "needs the teacher's artifact directory")
+    if not os.path.isdir(os.path.join(distill.teacher, "model")):
+        raise ConfigError("distill.teacher", f"'{distill.teacher}' is not an artifact (no model/ inside)")
+    _one_of("distill.loss", distill.loss, DISTILL_LOSSES)
+    _one_of("distill.student", distill.student, ("derive", "config"))
+    _positive("distill.temperature", distill.temperature)
+    if not 0 <= distill.alpha <= 1:
+        raise ConfigError("distill.alpha", f"must be in [0, 1], got {distill.alpha}")
+    _positive("trainer.max_steps", max_steps)
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -267,7 +385,7 @@ def _check_optimization(cfg: DictConfig) -> None:
     _positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     _one_of("scheduler.name", cfg.scheduler.name, SCHEDULERS)
     _positive("scheduler.warmup_steps", cfg.scheduler.warmup_steps, allow_zero=True)
-    _positive("trainer.max_steps", cfg.trainer.max_steps)
+    _positive("trainer.max_steps", cfg.trainer.max_steps, allow_zero=True)  # 0: evaluate and save only
     _positive("trainer.val_check_interval", cfg.trainer.val_check_interval)
     _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
     _positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
@@ -358,7 +476,8 @@ def register() -> None:
     for name, fn in (("run_name", _run_name), ("package_dir", _package_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    for kind, schema in STAGE_SCHEMAS.items():
+        ConfigStore.instance().store(name=f"{kind}_schema", node=schema)
 
 
 register()

@@ -45,8 +45,53 @@ def resolve_pretrained(model_cfg: DictConfig, cache_dir: str) -> str:
     return target
 
 
+LOWRANK_SPEC = "lowrank.json"
+QUANTIZATION_SPEC = "quantization.json"
+
+
+def load_model_dir(path: str) -> PreTrainedModel:
+    """Any model directory the framework writes: HF, quantized (torchao) or low-rank factorized."""
+    if os.path.isfile(os.path.join(path, QUANTIZATION_SPEC)):
+        from framework.compression.quantization import load_quantized
+
+        return load_quantized(path)
+    if os.path.isfile(os.path.join(path, LOWRANK_SPEC)):
+        return load_lowrank(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def save_lowrank(model, tokenizer, directory: str) -> None:
+    """Low-rank layers are not an HF architecture: config + factorization spec + safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    with open(os.path.join(directory, LOWRANK_SPEC), "w") as f:
+        json.dump(model.lowrank_spec, f, indent=2)
+    save_model(model, os.path.join(directory, "model.safetensors"))
+    tokenizer.save_pretrained(directory)
+
+
+def load_lowrank(path: str) -> PreTrainedModel:
+    import json
+
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    from framework.compression.lowrank import apply_lowrank_spec
+
+    with open(os.path.join(path, LOWRANK_SPEC)) as f:
+        spec = json.load(f)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    apply_lowrank_spec(model, spec)
+    load_model(model, os.path.join(path, "model.safetensors"))
+    model.lowrank_spec = spec
+    return model
+
+
 def load_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -135,5 +180,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
             continue
         seen.add(id(param))
         total += param.numel()
-        nonzero += int(torch.count_nonzero(param.detach()).item()) if param.is_floating_point() else param.numel()
+        nonzero += _count_nonzero(param.detach())
     return total, nonzero
+
+
+def _count_nonzero(tensor: torch.Tensor) -> int:
+    try:
+        return int(torch.count_nonzero(tensor).item())
+    except (NotImplementedError, RuntimeError, TypeError):
+        # A quantized tensor subclass: count its dequantized values.
+        return int(torch.count_nonzero(tensor.dequantize()).item()) if hasattr(tensor, "dequantize") else tensor.numel()

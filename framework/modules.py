@@ -81,3 +81,32 @@ class CausalLMModule(pl.LightningModule):
         optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.scheduler_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DistillationModule(CausalLMModule):
+    """A trainable student (`self.model`) learning from a frozen teacher's logits and the hard labels.
+
+    The teacher is kept out of the module's state: it is not trained, not checkpointed (it is
+    reloaded from its artifact on resume) and runs in eval mode without gradients.
+    """
+
+    def __init__(self, student, teacher, optimizer_cfg, scheduler_cfg, max_steps: int, loss: str, temperature: float, alpha: float):
+        super().__init__(student, optimizer_cfg, scheduler_cfg, max_steps)
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.loss_kind, self.temperature, self.alpha = loss, temperature, alpha
+
+    def on_fit_start(self):
+        self.teacher.to(self.device)
+
+    def training_step(self, batch, batch_idx):
+        from framework.compression.distillation import distillation_loss
+
+        input_ids = batch["input_ids"]
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits
+        student_logits = self.model(input_ids=input_ids).logits
+        loss, parts = distillation_loss(student_logits, teacher_logits, input_ids, self.loss_kind, self.temperature, self.alpha)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/soft_loss": parts["soft"], "train/hard_loss": parts["hard"]})
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss

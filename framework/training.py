@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import lightning.pytorch as pl
@@ -134,22 +135,41 @@ def merged_model(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+@dataclass
+class StageHooks:
+    """How a compression stage changes the train loop; every field is optional.
+
+    prepare_model(model, datamodule) -> model   before training: prune, fake-quantize, derive a student
+    module_factory(model, cfg) -> LightningModule   another objective (distillation)
+    callbacks                                    behaviour during training (gradual pruning, masks)
+    finalize(model) -> model                     after training: QAT convert
+    save_model(model, tokenizer, directory)      another artifact format (quantized, low-rank)
+    extra_metrics(model, datamodule) -> dict     stage-specific numbers for metrics.json
+    """
+
+    prepare_model: Callable | None = None
+    module_factory: Callable | None = None
+    callbacks: Sequence[pl.Callback] = ()
+    finalize: Callable | None = None
+    save_model: Callable | None = None
+    extra_metrics: Callable | None = None
+
+
 def train(
     cfg: DictConfig,
     stage_dir: str | None = None,
     input_fingerprints: Sequence[str] = (),
     job_type: str = "train",
-    module_factory: Callable | None = None,
-    extra_callbacks: Sequence[pl.Callback] = (),
-    prepare_model: Callable | None = None,
+    hooks: StageHooks | None = None,
+    validate: Callable[[DictConfig], DictConfig] = validate_train_config,
 ) -> dict:
-    """Train and write the stage's artifact; returns its metrics. A finished stage is not run again.
+    """Run one stage and write its artifact; returns its metrics. A finished stage is not run again.
 
-    `module_factory(model, cfg)` swaps in another LightningModule (distillation), `prepare_model(model,
-    datamodule)` changes the model before training (pruning, fake quantization) and `extra_callbacks`
-    add behaviour during training (gradual pruning): this is how compression stages reuse the loop.
+    Every stage is this loop: build the model and data, let `hooks` change the model, train for
+    `trainer.max_steps` (0: no training, as in one-shot pruning or PTQ), evaluate, write the artifact.
     """
-    cfg = validate_train_config(cfg)
+    hooks = hooks or StageHooks()
+    cfg = validate(cfg)
     stage_dir = stage_dir or cfg.run_dir
     stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
     if artifacts.is_complete(stage_dir, stage_fingerprint):
@@ -165,34 +185,39 @@ def train(
         cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
     )
     datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
-    if prepare_model is not None:
-        model = prepare_model(model, datamodule)
     val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
+    if hooks.prepare_model is not None:
+        model = hooks.prepare_model(model, datamodule)
     if cfg.finetune.method == "lora":
         model = apply_lora(model, cfg.finetune)
-    module = (module_factory or default_module)(model, cfg)
+    module = (hooks.module_factory or default_module)(model, cfg)
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
-    trainer = build_trainer(cfg, stage_dir, [throughput, *extra_callbacks], loggers)
+    trainer = build_trainer(cfg, stage_dir, [throughput, *hooks.callbacks], loggers)
     resume_from = last_checkpoint(stage_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if cfg.trainer.max_steps > 0:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if not trainer.is_global_zero:
             return {}  # rank 0 alone evaluates and writes the artifact
         final = merged_model(module.model).float()
+        if hooks.finalize is not None:
+            final = hooks.finalize(final)
         metrics = model_metrics(final, datamodule.val_blocks(), cfg.data.batch_size)
-        metrics.update(
-            val_loss_start=val_loss_start,
-            val_ppl_start=perplexity(val_loss_start),
-            **_training_totals(trainer, throughput),
-            train_loss=_final(trainer, "train/loss"),
-            wall_time_s=time.perf_counter() - started,
-        )
-        artifacts.write_artifact(stage_dir, lambda d: _save_hf(final, tokenizer, d), metrics, cfg, stage_fingerprint)
-        log.info("%s: val_ppl %.2f after %d steps", stage_dir, metrics["val_ppl"], trainer.global_step)
+        metrics.update(val_loss_start=val_loss_start, val_ppl_start=perplexity(val_loss_start))
+        if cfg.trainer.max_steps > 0:
+            metrics.update(**_training_totals(trainer, throughput), train_loss=_final(trainer, "train/loss"))
+        if hooks.extra_metrics is not None:
+            metrics.update(hooks.extra_metrics(final, datamodule))
+        metrics["wall_time_s"] = time.perf_counter() - started
+        save = hooks.save_model or save_hf
+        artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
+        for logger in loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log.info("%s: val_ppl %.2f (was %.2f)", stage_dir, metrics["val_ppl"], metrics["val_ppl_start"])
         return artifacts.read_metrics(stage_dir)
     finally:
         finish(loggers)
@@ -216,6 +241,6 @@ def _final(trainer: pl.Trainer, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def _save_hf(model, tokenizer, directory: str) -> None:
+def save_hf(model, tokenizer, directory: str) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

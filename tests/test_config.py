@@ -65,7 +65,7 @@ BAD_INPUTS = [
     (["data=text_files", "data.paths=[/no/such/file.txt]"], "data.paths", "does not exist"),
     (["model=hf", "model.path=/tmp"], "model.path", "holds no model"),
     (["model=hf", "model.path=/no/such/dir"], "model.path", "does not exist"),
-    (["trainer.max_steps=0"], "trainer.max_steps", "must be > 0"),
+    (["trainer.max_steps=-1"], "trainer.max_steps", "must be >= 0"),
     (["data.val_fraction=1.5"], "data.val_fraction", "between 0 and 1"),
 ]
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from framework.artifacts import is_complete, read_metrics
-from framework.training import train
+from framework.training import StageHooks, train
 
 
 class CaptureModel(pl.Callback):
@@ -41,7 +41,7 @@ def test_pretraining_lowers_val_loss_well_below_its_start(train_config):
 
 def test_artifact_reloads_in_transformers_with_identical_logits(train_config, tmp_path):
     capture = CaptureModel()
-    train(train_config("trainer.max_steps=3"), extra_callbacks=[capture])
+    train(train_config("trainer.max_steps=3"), hooks=StageHooks(callbacks=[capture]))
     stage_dir = tmp_path / "run"
     assert is_complete(str(stage_dir))
     assert {"model", "metrics.json", "config.yaml", "fingerprint", "COMPLETE", "checkpoints"} <= set(os.listdir(stage_dir))
@@ -58,21 +58,21 @@ def test_artifact_reloads_in_transformers_with_identical_logits(train_config, tm
 def test_rerunning_a_finished_run_does_no_training(train_config):
     cfg = train_config("trainer.max_steps=2")
     first = train(cfg)
-    again = train(cfg, extra_callbacks=[InterruptAt(0)])  # would raise if training started
+    again = train(cfg, hooks=StageHooks(callbacks=[InterruptAt(0)]))  # would raise if training started
     assert again == first
 
 
 def test_interrupted_run_resumes_and_ends_where_an_uninterrupted_run_ends(train_config, tmp_path):
     overrides = ("trainer.max_steps=12", "trainer.checkpoint_every_n_steps=4", "optimizer.lr=3e-3")
     straight = CaptureModel()
-    train(train_config(*overrides, run_dir=tmp_path / "straight"), extra_callbacks=[straight])
+    train(train_config(*overrides, run_dir=tmp_path / "straight"), hooks=StageHooks(callbacks=[straight]))
 
     cut_cfg = train_config(*overrides, run_dir=tmp_path / "cut")
     with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit after saving last.ckpt
-        train(cut_cfg, extra_callbacks=[InterruptAt(7)])
+        train(cut_cfg, hooks=StageHooks(callbacks=[InterruptAt(7)]))
     assert not is_complete(str(tmp_path / "cut"))
     resumed = CaptureModel()
-    train(cut_cfg, extra_callbacks=[resumed])  # the same command again
+    train(cut_cfg, hooks=StageHooks(callbacks=[resumed]))  # the same command again
 
     assert read_metrics(str(tmp_path / "cut"))["train_steps"] == 12
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
@@ -85,7 +85,7 @@ def test_checkpoints_of_another_config_are_not_resumed(train_config, tmp_path):
     from framework.artifacts import StageConflictError
 
     with pytest.raises(SystemExit):
-        train(train_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"), extra_callbacks=[InterruptAt(3)])
+        train(train_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"), hooks=StageHooks(callbacks=[InterruptAt(3)]))
     with pytest.raises(StageConflictError, match="different config"):
         train(train_config("trainer.max_steps=6", "optimizer.lr=1e-2"))
 

@@ -76,3 +76,21 @@ class GradualPruning(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks = dict(state_dict["masks"])
         self.last_pruned_step = state_dict["last_pruned_step"]
+
+
+class KeepZeros(Callback):
+    """Keeps already-pruned weights at zero while training (a recovery finetune after one-shot pruning).
+
+    The mask is the pattern of zeros when training starts, also after a resume from a checkpoint,
+    since the pruned weights were saved as zeros.
+    """
+
+    def __init__(self):
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        layers = prunable_linears(pl_module.model)
+        self.masks = {name: weight_matrix(layer) != 0 for name, layer in layers.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        apply_masks(pl_module.model, self.masks)

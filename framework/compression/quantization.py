@@ -56,6 +56,17 @@ def _ptq_config(method: str, group_size: int):
     return Int4WeightOnlyConfig(group_size=group_size)
 
 
+def check_available(method: str) -> None:
+    """Raise RuntimeError now, before any heavy work, if this machine cannot run `method`."""
+    _check_method(method)
+    if method == "int4_weight_only":
+        probe = nn.Sequential(nn.Linear(256, 256, dtype=torch.bfloat16))
+        try:
+            quantize_(probe, _ptq_config(method, 128))
+        except ImportError as e:
+            raise RuntimeError(f"{method} is not available on this machine: torchao's int4 kernel is missing ({e})") from e
+
+
 def _embedding_modules(model: nn.Module) -> list[nn.Module]:
     """The input embedding and, if there is one, the lm_head."""
     emb_out = model.get_output_embeddings()
