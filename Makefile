@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PYTHON) recipes/train.py
+	$(PYTHON) recipes/pipeline.py experiment=tiny_pipeline
 
 test: setup
 	$(PYTHON) -m pytest -q -ra --durations=15

@@ -129,6 +129,7 @@ class LoggerConfig:
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     run_name: Optional[str] = None
+    uses: list[str] = field(default_factory=list)  # the stages whose artifacts this one reads (lineage)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class FinetuneConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Any = "all-linear"
+    keep_sparsity: bool = False  # keep weights that are zero at the start at zero (finetuning a pruned model)
 
 
 @dataclass
@@ -160,6 +162,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1234
     run_dir: str = "outputs/train/default"
+    input: Optional[str] = None  # start from this artifact's model (a finetune in a pipeline)
 
 
 TRAIN_SECTIONS = tuple(TrainConfig.__dataclass_fields__)
@@ -215,25 +218,32 @@ class DistillConfig:
 
 @dataclass
 class PruneStageConfig(TrainConfig):
-    input: Optional[str] = None  # the artifact directory this stage reads
     prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 @dataclass
 class LowRankStageConfig(TrainConfig):
-    input: Optional[str] = None
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
 
 
 @dataclass
 class QuantizeStageConfig(TrainConfig):
-    input: Optional[str] = None
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
 
 @dataclass
 class DistillStageConfig(TrainConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class PipelineConfig:
+    pipeline: Any = None  # {name, stages: {stage name: {kind, input, teacher, groups, <config values>}}}
+    common: Any = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 1234
+    run_dir: str = "outputs/pipeline/default"
 
 
 STAGE_SCHEMAS = {
@@ -478,6 +488,7 @@ def register() -> None:
             OmegaConf.register_new_resolver(name, fn)
     for kind, schema in STAGE_SCHEMAS.items():
         ConfigStore.instance().store(name=f"{kind}_schema", node=schema)
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
 
 register()

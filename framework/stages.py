@@ -20,9 +20,14 @@ from framework.training import StageHooks, train
 
 
 def use_input_model(cfg: DictConfig, input_dir: str, key: str = "input") -> DictConfig:
-    """Point the config's model at an artifact's model/ (the tokenizer comes with it)."""
+    """Point the config's model at an artifact's model/, after checking the artifact is whole."""
     if not artifacts.is_complete(input_dir):
         raise ConfigError(key, f"'{input_dir}' is not a complete artifact (no {artifacts.COMPLETE} file)")
+    return point_model_at(cfg, input_dir)
+
+
+def point_model_at(cfg: DictConfig, input_dir: str) -> DictConfig:
+    """The config with its model read from an artifact's model/ (the tokenizer comes with it)."""
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.model = OmegaConf.merge(cfg.model, {"arch": "pretrained", "path": os.path.join(input_dir, artifacts.MODEL), "gguf_file": None, "tokenizer": "pretrained"})
@@ -179,4 +184,12 @@ def _student_builder(d: DictConfig, teacher):
     return prepare
 
 
-STAGES = {"train": train, "prune": prune, "lowrank": factorize, "quantize": quantize, "distill": distill}
+def train_from(cfg: DictConfig, stage_dir: str | None = None, input_fingerprints=()) -> dict:
+    """A train stage; with `input` set (a pipeline's finetune), it starts from that artifact's model."""
+    if cfg.get("input"):
+        cfg = use_input_model(cfg, cfg.input)
+        input_fingerprints = [*input_fingerprints, *_input_fingerprints(cfg.input)]
+    return train(cfg, stage_dir, input_fingerprints)
+
+
+STAGES = {"train": train_from, "prune": prune, "lowrank": factorize, "quantize": quantize, "distill": distill}

@@ -38,6 +38,35 @@ def build_loggers(logger_cfg: DictConfig, stage_dir: str, run_id: str, job_type:
     return loggers
 
 
+def log_stage_artifact(loggers: list[Logger], logger_cfg: DictConfig, stage_dir: str, metrics: dict, fingerprint: str) -> None:
+    """Log the stage's artifact to wandb, naming the artifacts it was made from (its lineage).
+
+    The weights are added as a reference (they stay in the run directory). wandb cannot record
+    `use_artifact` offline, so the inputs are also written into the artifact's metadata; online,
+    the inputs are used for real and the lineage graph shows in the UI.
+    """
+    wandb_logger = next((logger for logger in loggers if isinstance(logger, WandbLogger)), None)
+    if wandb_logger is None:
+        return
+    import wandb
+
+    run = wandb_logger.experiment
+    name = artifact_name(logger_cfg, logger_cfg.run_name or os.path.basename(os.path.normpath(stage_dir)))
+    uses = [artifact_name(logger_cfg, stage) for stage in logger_cfg.uses]
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    artifact = wandb.Artifact(name, type="model", metadata={"metrics": numbers, "uses": uses, "fingerprint": fingerprint})
+    artifact.add_file(os.path.join(stage_dir, "metrics.json"))
+    artifact.add_reference(f"file://{os.path.abspath(os.path.join(stage_dir, 'model'))}", name="model", checksum=False)
+    if wandb_mode(logger_cfg) == "online":
+        for used in uses:
+            run.use_artifact(f"{used}:latest")
+    run.log_artifact(artifact, aliases=["latest", fingerprint[:12]])
+
+
+def artifact_name(logger_cfg: DictConfig, stage: str) -> str:
+    return f"{logger_cfg.group}-{stage}" if logger_cfg.group else stage
+
+
 def finish(loggers: list[Logger]) -> None:
     """Close the wandb run so the next stage or sweep job starts its own (WandbLogger reuses wandb.run)."""
     if any(isinstance(logger, WandbLogger) for logger in loggers):

@@ -19,12 +19,12 @@ from framework.data import LMDataModule, corpus_id, load_documents
 from framework.evaluation import evaluate_loss, model_metrics, perplexity
 from framework.models import build_model_and_tokenizer
 from framework.modules import CausalLMModule
-from framework.tracking import build_loggers, finish
+from framework.tracking import build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
 
 # Settings that change how a run looks or where it is written, not what it computes.
-NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger")
+NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger", "input")  # input: its fingerprint counts, not its path
 NON_SEMANTIC_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
 
 
@@ -194,7 +194,12 @@ def train(
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
-    trainer = build_trainer(cfg, stage_dir, [throughput, *hooks.callbacks], loggers)
+    callbacks = [throughput, *hooks.callbacks]
+    if cfg.finetune.keep_sparsity:
+        from framework.compression.gradual import KeepZeros
+
+        callbacks.append(KeepZeros())
+    trainer = build_trainer(cfg, stage_dir, callbacks, loggers)
     resume_from = last_checkpoint(stage_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -212,11 +217,12 @@ def train(
             metrics.update(**_training_totals(trainer, throughput), train_loss=_final(trainer, "train/loss"))
         if hooks.extra_metrics is not None:
             metrics.update(hooks.extra_metrics(final, datamodule))
-        metrics["wall_time_s"] = time.perf_counter() - started
+        metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
         save = hooks.save_model or save_hf
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
         for logger in loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
         log.info("%s: val_ppl %.2f (was %.2f)", stage_dir, metrics["val_ppl"], metrics["val_ppl_start"])
         return artifacts.read_metrics(stage_dir)
     finally:

@@ -2,18 +2,19 @@
 
     python recipes/train.py model=llama_tiny data=stdlib_docs optimizer.lr=1e-3
     python recipes/train.py model=smollm2_135m finetune=lora trainer.max_steps=20
+    python recipes/train.py input=<artifact dir> data=stdlib_modules      # finetune an earlier stage's model
 """
 
 import hydra
 from omegaconf import DictConfig
 
+from framework import stages
 from framework.cli import run_recipe
-from framework.training import train
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_recipe(lambda: train(cfg), cfg, "train")
+    run_recipe(lambda: stages.STAGES["train"](cfg), cfg, "train")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The summary of a pipeline run: a terminal table, report.md, report.json and report.png."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from framework import artifacts
+
+COLUMNS = [  # (key, header, format)
+    ("stage", "stage", "{}"),
+    ("kind", "kind", "{}"),
+    ("params_total", "params", "{:,}"),
+    ("params_nonzero", "non-zero", "{:,}"),
+    ("size_mb", "size MB", "{:.2f}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("latency_ms_per_token", "ms/token", "{:.2f}"),
+    ("tokens_per_s", "fwd tok/s", "{:,.0f}"),
+    ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
+    ("wall_time_s", "stage s", "{:.1f}"),
+    ("status", "status", "{}"),
+]
+
+
+def row(stage: str, kind: str, stage_dir: str, metrics: dict, cached: bool, seconds: float) -> dict:
+    """One report row. A cached stage reports the numbers measured when it ran."""
+    return {
+        "stage": stage,
+        "kind": kind,
+        "stage_dir": stage_dir,
+        "params_total": metrics.get("params_total"),
+        "params_nonzero": metrics.get("params_nonzero"),
+        "size_mb": metrics.get("size_bytes", 0) / 1e6,
+        "val_ppl": metrics.get("val_ppl"),
+        "val_ppl_start": metrics.get("val_ppl_start"),
+        "baseline_val_ppl": metrics.get("baseline_val_ppl"),
+        "latency_ms_per_token": metrics.get("latency_ms_per_token"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "train_tokens_per_s": metrics.get("train_tokens_per_s"),
+        "wall_time_s": metrics.get("wall_time_s"),
+        "status": f"cached ({seconds:.1f}s)" if cached else "ran",
+        "cached": cached,
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
+    notes = [f"- {r['stage']}: student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def print_table(rows: list[dict], title: str = "pipeline") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right" if header not in ("stage", "kind", "status") else "left")
+    for r in rows:
+        table.add_row(*(_cell(r.get(k), f) for k, _, f in COLUMNS))
+    console = Console()
+    if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
+    for r in rows:
+        if r.get("baseline_val_ppl"):
+            console.print(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+
+
+def write(run_dir: str, rows: list[dict]) -> None:
+    artifacts.atomic_write_json(os.path.join(run_dir, "report.json"), rows)
+    artifacts.atomic_write_text(os.path.join(run_dir, "report.md"), markdown(rows))
+    plot(run_dir, rows)
+    print_table(rows, title=os.path.basename(os.path.normpath(run_dir)))
+
+
+def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
+    path = os.path.join(stage_dir, "logs", "metrics.csv")
+    steps, losses = [], []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for record in csv.DictReader(f):
+                if record.get("train/loss"):
+                    steps.append(int(record["step"]))
+                    losses.append(float(record["train/loss"]))
+    return steps, losses
+
+
+def plot(run_dir: str, rows: list[dict]) -> None:
+    """Perplexity against size on disk per stage, and the loss curves of the training stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        if r["val_ppl"] is not None:
+            left.scatter(r["size_mb"], r["val_ppl"])
+            left.annotate(r["stage"], (r["size_mb"], r["val_ppl"]), textcoords="offset points", xytext=(5, 5))
+    left.set(xlabel="size on disk (MB)", ylabel="val perplexity", title="perplexity against size")
+    for r in rows:
+        steps, losses = loss_curve(r["stage_dir"])
+        if steps:
+            right.plot(steps, losses, label=r["stage"])
+    right.set(xlabel="step", ylabel="train loss", title="training loss")
+    if right.lines:
+        right.legend()
+    fig.tight_layout()
+    tmp = os.path.join(run_dir, ".report.png.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(run_dir, "report.png"))
+
+
+def rebuild(run_dir: str) -> list[dict]:
+    """The report of a pipeline run directory, from its stages' artifacts (the evaluate recipe)."""
+    stage_dirs = [os.path.join(run_dir, name) for name in os.listdir(run_dir)]
+    done = sorted((d for d in stage_dirs if artifacts.is_complete(d)), key=lambda d: os.path.getmtime(os.path.join(d, artifacts.COMPLETE)))
+    rows = []
+    for stage_dir in done:
+        metrics = artifacts.read_metrics(stage_dir)
+        rows.append(row(os.path.basename(stage_dir), metrics.get("kind", "?"), stage_dir, metrics, cached=True, seconds=0.0))
+    write(run_dir, rows)
+    return rows

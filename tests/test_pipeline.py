@@ -1,0 +1,118 @@
+"""The pipeline: one command runs every stage, reruns skip finished work, changes rerun only what follows."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from framework.artifacts import COMPLETE, is_complete, read_metrics
+from framework.pipeline import run_pipeline
+from tests.conftest import compose_config
+
+# The tiny pipeline, shrunk for tests: the nano model, short stages, few validation blocks.
+SMALL = [
+    "experiment=tiny_pipeline",
+    "+common.trainer.enable_progress_bar=false",
+    "+common.data.max_val_blocks=8",
+    "+common.data.max_chars=120000",
+    "+common.precision.name=32-true",
+    "pipeline.stages.pretrain.groups.model=llama_nano",
+    "pipeline.stages.pretrain.trainer.max_steps=40",
+    "pipeline.stages.finetune.trainer.max_steps=15",
+    "pipeline.stages.prune.trainer.max_steps=10",
+    "+pipeline.stages.prune.prune.calibration_samples=8",
+    "pipeline.stages.distill.trainer.max_steps=15",
+    "pipeline.stages.distill.distill.num_layers=2",
+    "+pipeline.stages.distill.distill.intermediate_ratio=0.5",
+]
+STAGES = ["pretrain", "finetune", "prune", "quantize", "distill"]
+
+
+def pipeline_config(run_dir, *overrides):
+    return compose_config("pipeline", [*SMALL, *overrides], run_dir=str(run_dir))
+
+
+def completion_times(run_dir):
+    return {s: os.stat(run_dir / s / COMPLETE).st_mtime_ns for s in STAGES}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "tiny"
+    rows = run_pipeline(pipeline_config(run_dir))
+    return run_dir, rows
+
+
+def test_pipeline_runs_every_stage_and_reports_measured_numbers(finished_run):
+    run_dir, rows = finished_run
+    assert [r["stage"] for r in rows] == STAGES
+    for r in rows:
+        assert is_complete(r["stage_dir"]) and r["status"] == "ran"
+        assert r["val_ppl"] > 1 and r["size_mb"] > 0 and r["params_total"] > 0 and r["latency_ms_per_token"] > 0
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["quantize"]["size_mb"] == min(r["size_mb"] for r in rows)
+    assert by_stage["prune"]["params_nonzero"] < 0.75 * by_stage["finetune"]["params_nonzero"]
+    assert read_metrics(str(run_dir / "prune"))["prunable_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert by_stage["distill"]["params_total"] < by_stage["finetune"]["params_total"]
+    for name in ("report.md", "report.json", "report.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "| quantize | quantize |" in (run_dir / "report.md").read_text()
+
+
+def test_second_identical_run_trains_nothing(finished_run):
+    run_dir, _ = finished_run
+    before = completion_times(run_dir)
+    started = time.perf_counter()
+    rows = run_pipeline(pipeline_config(run_dir))
+    assert all(r["cached"] for r in rows)
+    assert completion_times(run_dir) == before
+    assert time.perf_counter() - started < 30
+
+
+def test_changing_quantize_reruns_quantize_and_distill_only(finished_run):
+    run_dir, _ = finished_run
+    before = completion_times(run_dir)
+    rows = run_pipeline(pipeline_config(run_dir, "pipeline.stages.quantize.groups.quantize=int8_weight_only"))
+    after = completion_times(run_dir)
+    assert [r["stage"] for r in rows if not r["cached"]] == ["quantize", "distill"]
+    assert {s for s in STAGES if after[s] != before[s]} == {"quantize", "distill"}
+    assert read_metrics(str(run_dir / "quantize"))["quantization"] == "int8_weight_only"
+
+
+def test_misspelt_stage_key_is_refused_before_any_work(tmp_path):
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pipeline.stages.prune.prune.sparsty"):
+        run_pipeline(pipeline_config(tmp_path, "+pipeline.stages.prune.prune.sparsty=0.7"))
+    assert not (tmp_path / "pretrain").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tmp_path):
+    command = [
+        sys.executable, "recipes/pipeline.py", *SMALL, f"run_dir={tmp_path}",
+        "pipeline.stages.prune.trainer.max_steps=400", "pipeline.stages.prune.trainer.checkpoint_every_n_steps=5",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "prune" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 400
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "the prune stage never wrote a checkpoint"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not is_complete(str(tmp_path / "prune"))
+    finished_before = {s: os.stat(tmp_path / s / COMPLETE).st_mtime_ns for s in ("pretrain", "finetune")}
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from" in result.stderr + result.stdout
+    assert {s: os.stat(tmp_path / s / COMPLETE).st_mtime_ns for s in ("pretrain", "finetune")} == finished_before
+    for stage in STAGES:
+        assert is_complete(str(tmp_path / stage))
+    assert read_metrics(str(tmp_path / "prune"))["train_steps"] == 400
