@@ -176,7 +176,10 @@ def distill(cfg: DictConfig, stage_dir: str | None = None, input_fingerprints=()
 
 def _student_builder(d: DictConfig, teacher):
     def prepare(model, datamodule):
-        distillation.check_vocab_sizes(teacher.config, model.config)
+        try:  # logit distillation compares distributions over one shared vocabulary
+            distillation.check_vocab_sizes(teacher.config, model.config)
+        except ValueError as err:
+            raise ConfigError("distill.student", str(err)) from None
         if d.student == "derive":
             return distillation.derive_student(teacher, num_layers=d.num_layers, layer_ratio=None if d.num_layers else d.layer_ratio, intermediate_ratio=d.intermediate_ratio)
         return model
@@ -193,3 +196,24 @@ def train_from(cfg: DictConfig, stage_dir: str | None = None, input_fingerprints
 
 
 STAGES = {"train": train_from, "prune": prune, "lowrank": factorize, "quantize": quantize, "distill": distill}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Measure an artifact on the configured data, or rebuild the report of a pipeline run directory."""
+    from framework import report
+    from framework.config import validate_train_config
+    from framework.data import LMDataModule, load_documents
+    from framework.evaluation import model_metrics
+    from framework.models import build_model_and_tokenizer
+
+    if not artifacts.is_complete(cfg.input) and os.path.isdir(cfg.input):
+        return {"rows": report.rebuild(cfg.input)}
+    cfg = validate_train_config(use_input_model(cfg, cfg.input))
+    documents = load_documents(cfg.data)
+    model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir)
+    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
+    metrics = model_metrics(model, datamodule.val_blocks(), cfg.data.batch_size)
+    metrics.update(size_bytes=artifacts.directory_size(cfg.model.path), data=cfg.data.name)
+    artifacts.atomic_write_json(os.path.join(cfg.run_dir, "evaluation.json"), metrics)
+    report.print_table([report.row(os.path.basename(os.path.normpath(cfg.input)), "evaluate", cfg.input, metrics, False, 0.0)], "evaluation")
+    return metrics

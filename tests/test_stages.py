@@ -1,0 +1,129 @@
+"""The compression stages from artifact to artifact, on a model trained for the purpose."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from framework.artifacts import is_complete, read_metrics
+from framework.config import ConfigError
+from framework.models import load_model_dir
+from framework.stages import STAGES
+from tests.conftest import FAST, compose_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-layer Llama trained on the stdlib docs: the input of every stage below."""
+    root = tmp_path_factory.mktemp("stages")
+    cfg = compose_config("train", [*FAST, "model=llama_tiny", "trainer.max_steps=150", "optimizer.lr=3e-3"], run_dir=str(root / "trained"))
+    STAGES["train"](cfg)
+    return root
+
+
+def run_stage(kind, root, name, *overrides):
+    cfg = compose_config(kind, [*FAST, f"input={root / 'trained'}", *overrides], run_dir=str(root / name))
+    return STAGES[kind](cfg)
+
+
+def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(trained):
+    ppl = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        metrics = run_stage("prune", trained, f"prune_{method}", f"prune={method}", "prune.sparsity=0.5")
+        assert metrics["prunable_sparsity"] == 0.5  # exact, every layer
+        assert all(layer["sparsity"] == 0.5 for layer in metrics["layers"].values())
+        ppl[method] = metrics["val_ppl"]
+    dense = read_metrics(str(trained / "trained"))["val_ppl"]
+    assert dense < ppl["sparsegpt"]
+    assert ppl["wanda"] < 0.95 * ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] < 0.95 * ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] <= ppl["wanda"] * 1.01, ppl
+    # A pruned artifact is a plain HF model: zeros included.
+    reloaded = AutoModelForCausalLM.from_pretrained(trained / "prune_wanda" / "model")
+    assert torch.count_nonzero(reloaded.model.layers[0].mlp.up_proj.weight) == reloaded.model.layers[0].mlp.up_proj.weight.numel() // 2
+
+
+def test_two_four_pattern_holds_in_every_group(trained):
+    metrics = run_stage("prune", trained, "prune_24", "prune=wanda_2of4")
+    assert metrics["n_m_ok"] and metrics["prunable_sparsity"] == 0.5
+
+
+def test_recovery_finetune_keeps_the_sparsity_and_lowers_perplexity(trained):
+    one_shot = run_stage("prune", trained, "prune_oneshot", "prune=magnitude", "prune.sparsity=0.6")
+    recovered = run_stage("prune", trained, "prune_recovered", "prune=magnitude", "prune.sparsity=0.6", "trainer.max_steps=20", "optimizer.lr=1e-3")
+    assert recovered["prunable_sparsity"] == 0.6
+    assert recovered["val_ppl"] < one_shot["val_ppl"]
+
+
+def test_gradual_pruning_reaches_the_target_exactly(trained):
+    metrics = run_stage("prune", trained, "prune_gradual", "prune=gradual", "prune.sparsity=0.5", "prune.end_step=10", "prune.every_n_steps=2", "trainer.max_steps=15")
+    assert metrics["prunable_sparsity"] == 0.5
+
+
+def test_structured_pruning_writes_a_smaller_config_that_transformers_loads(trained):
+    metrics = run_stage("prune", trained, "prune_structured", "prune=structured", "prune.heads_ratio=0.25", "prune.mlp_ratio=0.5", "prune.drop_layers=1")
+    source = read_metrics(str(trained / "trained"))
+    assert metrics["params_total"] < 0.8 * source["params_total"]
+    config = json.loads((trained / "prune_structured" / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["intermediate_size"] == 344
+    model = AutoModelForCausalLM.from_pretrained(trained / "prune_structured" / "model")
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_total"]
+
+
+def test_lowrank_shrinks_the_model_and_reloads_through_the_framework(trained):
+    metrics = run_stage("lowrank", trained, "lowrank", "lowrank.energy=null", "lowrank.rank=32")
+    assert metrics["params_total"] < read_metrics(str(trained / "trained"))["params_total"]
+    assert metrics["lowrank_layers"] == 12  # 3 MLP projections in 4 layers
+    model = load_model_dir(str(trained / "lowrank" / "model")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_int8_artifact_is_small_and_keeps_perplexity(trained):
+    source = read_metrics(str(trained / "trained"))
+    for method in ("int8_dynamic", "int8_weight_only"):
+        metrics = run_stage("quantize", trained, f"quant_{method}", f"quantize={method}")
+        assert metrics["size_bytes"] <= 0.35 * source["size_bytes"], method
+        assert abs(metrics["val_ppl"] / source["val_ppl"] - 1) < 0.02, method
+    reloaded = load_model_dir(str(trained / "quant_int8_dynamic" / "model"))
+    assert reloaded(torch.randint(0, 100, (1, 8))).logits.shape[-1] == reloaded.config.vocab_size
+
+
+def test_qat_beats_ptq_at_the_same_format(trained):
+    ptq = run_stage("quantize", trained, "ptq", "quantize=int8_dynamic")
+    qat = run_stage("quantize", trained, "qat", "quantize=qat_int8_dynamic", "trainer.max_steps=20", "optimizer.lr=5e-4")
+    assert qat["val_ppl"] < ptq["val_ppl"]
+    assert qat["size_bytes"] == pytest.approx(ptq["size_bytes"], rel=0.01)
+
+
+def test_int4_without_its_kernel_is_a_clear_error(trained):
+    with pytest.raises(ConfigError, match="int4_weight_only is not available on this machine"):
+        run_stage("quantize", trained, "int4", "quantize=int4_weight_only")
+    assert not is_complete(str(trained / "int4"))
+
+
+def test_distilled_student_beats_the_same_student_trained_alone(trained):
+    cfg = compose_config(
+        "distill",
+        [*FAST, f"distill.teacher={trained / 'trained'}", "distill.num_layers=2", "trainer.max_steps=40", "optimizer.lr=2e-3"],
+        run_dir=str(trained / "distill"),
+    )
+    metrics = STAGES["distill"](cfg)
+    assert metrics["params_total"] < metrics["teacher_params"]
+    assert metrics["val_ppl"] < metrics["baseline_val_ppl"]
+
+
+def test_distilling_across_vocabularies_is_refused(trained, tmp_path):
+    other = compose_config("train", [*FAST, "model.vocab_size=2048", "trainer.max_steps=1"], run_dir=str(tmp_path / "other"))
+    STAGES["train"](other)  # a model with its own 2048-token tokenizer
+    cfg = compose_config(
+        "distill",
+        [*FAST, f"distill.teacher={trained / 'trained'}", "distill.student=config", "model=hf", f"model.path={tmp_path / 'other' / 'model'}", "trainer.max_steps=2"],
+        run_dir=str(tmp_path / "distill"),
+    )
+    with pytest.raises(ValueError, match="4096.*2048|2048.*4096"):
+        STAGES["distill"](cfg)
