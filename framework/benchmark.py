@@ -67,6 +67,17 @@ def describe_machine(machine: dict) -> str:
     return f"{where}, torch {machine['torch']}"
 
 
+def warn_if_busy() -> float:
+    """The 1-minute load average; a warning when other jobs use the CPU, which makes every timing low and noisy.
+
+    Mostly worse for the fp32 runs: torch's threads wait on the busy cores (seen: 20x slower).
+    """
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        log.warning("load average %.1f on %d cores: other jobs are using the CPU, timings will be off", load, os.cpu_count())
+    return load
+
+
 # --- tables --------------------------------------------------------------------------------------------------
 
 
@@ -220,6 +231,7 @@ def train_throughput(steps: dict[str, tuple[int, int]] = TRAIN_STEPS, model: str
 
 def train_table(steps: dict[str, tuple[int, int]] = TRAIN_STEPS, model: str = "llama_tiny", overrides: Sequence[str] = (), out_dir: str = BENCH_DIR) -> str:
     """Measure the train table and write it as <out_dir>/train.json and train.md; returns the Markdown."""
+    load_before = warn_if_busy()
     rows = train_throughput(steps, model, overrides)
     cfg = validate_train_config(compose_train_config([f"model={model}", "run_dir=unused", *overrides]))
     data, opt = cfg.data, cfg.optimizer
@@ -231,5 +243,9 @@ def train_table(steps: dict[str, tuple[int, int]] = TRAIN_STEPS, model: str = "l
         f"computation. Tokens/s over the timed steps only ({counts}). "
         f"Machine: {describe_machine(machine_info())}."
     )
-    meta = {"steps": {p: {"warmup": w, "timed": t} for p, (w, t) in steps.items()}, "overrides": list(overrides)}
+    meta = {
+        "steps": {p: {"warmup": w, "timed": t} for p, (w, t) in steps.items()},
+        "overrides": list(overrides),
+        "load_avg_1m_before": load_before,
+    }
     return write_table("train", rows, TRAIN_COLUMNS, caption, meta, out_dir)

@@ -186,6 +186,7 @@ def train(
     )
     datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
     val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
+    model.train()  # evaluate_loss left it in eval mode, which Lightning would keep (no dropout)
     if hooks.prepare_model is not None:
         model = hooks.prepare_model(model, datamodule)
     if cfg.finetune.method == "lora":

@@ -1,6 +1,6 @@
 """Benchmark tables, written to outputs/bench/<table>.json and .md; prints each table.
 
-    python recipes/benchmark.py          # the full bench (about 5 minutes on a 2-core CPU)
+    python recipes/benchmark.py          # the full bench (about 4 minutes on an idle 2-core CPU)
     python recipes/benchmark.py --quick  # fewer steps: a smoke run, not numbers to quote
 """
 
