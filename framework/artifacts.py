@@ -26,10 +26,6 @@ CONFIG = "config.yaml"
 MODEL = "model"
 
 
-class StageConflictError(RuntimeError):
-    """A stage directory holds work of a different config."""
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str) -> Iterator[str]:
     """Yield a temporary directory beside `target`; on success it replaces `target` in one rename."""

@@ -9,12 +9,11 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.artifacts import StageConflictError
 from framework.callbacks import NonFiniteLossError
 from framework.config import ConfigError
 
 # Exit codes a script or scheduler can tell apart.
-EXIT_CONFIG, EXIT_CONFLICT, EXIT_NONFINITE = 2, 3, 4
+EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 
 
 def quiet_libraries() -> None:
@@ -54,8 +53,6 @@ def run_recipe(work: Callable[[], object], cfg: DictConfig, title: str) -> objec
         return work()
     except ConfigError as err:
         _fail(str(err), EXIT_CONFIG)
-    except StageConflictError as err:
-        _fail(str(err), EXIT_CONFLICT)
     except NonFiniteLossError as err:
         _fail(str(err), EXIT_NONFINITE)
 

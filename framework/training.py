@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -48,15 +49,15 @@ def last_checkpoint(stage_dir: str) -> str | None:
 
 
 def claim_checkpoints(stage_dir: str, stage_fingerprint: str) -> None:
-    """Refuse to resume checkpoints written by a different config: that would silently mix two runs."""
+    """Never resume checkpoints written for a different config (or input): set them aside, start afresh."""
     directory = checkpoint_dir(stage_dir)
-    marker = os.path.join(directory, artifacts.FINGERPRINT)
     owner = artifacts.read_fingerprint(directory)
     if owner is not None and owner != stage_fingerprint and glob.glob(os.path.join(directory, "*.ckpt")):
-        raise artifacts.StageConflictError(
-            f"{directory} holds checkpoints of a different config; choose another run_dir or delete that directory"
-        )
-    artifacts.atomic_write_text(marker, stage_fingerprint + "\n")
+        stale = f"{directory}.stale-{owner[:12]}"
+        log.warning("%s holds checkpoints of another config: moved to %s, starting afresh", directory, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(directory, stale)
+    artifacts.atomic_write_text(os.path.join(directory, artifacts.FINGERPRINT), stage_fingerprint + "\n")
 
 
 def build_strategy(strategy_cfg: DictConfig):

@@ -1,7 +1,10 @@
 """Benchmark tables, written to outputs/bench/<table>.json and .md; prints each table.
 
-    python recipes/benchmark.py          # the full bench (about 4 minutes on an idle 2-core CPU)
-    python recipes/benchmark.py --quick  # fewer steps: a smoke run, not numbers to quote
+    python recipes/benchmark.py                           # every table, full size: SmolLM2-135M, ~25 min on an idle 2-core CPU
+    python recipes/benchmark.py --tables pruning,quantization
+    python recipes/benchmark.py --quick                   # tiny model, few blocks and steps: a smoke run, not numbers to quote
+
+The compression tables keep their stage artifacts under outputs/bench/runs/, so a rerun reuses every finished stage.
 """
 
 import argparse
@@ -10,14 +13,25 @@ import warnings
 
 from framework.cli import quiet_libraries
 
+TABLES = ("train", "pruning", "quantization", "distillation")
+
+
+def parse_tables(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(TABLES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown table(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TABLES)}")
+    return names
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few steps, to check that the bench runs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
+    parser.add_argument("--tables", type=parse_tables, default=list(TABLES), help=f"comma-separated, from {','.join(TABLES)} (default: all)")
     args = parser.parse_args()
 
-    # Before the heavy imports, which log on import. Each of the four training runs would also print
-    # Lightning's banners and advice and a save progress bar, burying the one progress line per run.
+    # Before the heavy imports, which log on import. Each training run would also print Lightning's
+    # banners and advice and a save progress bar, burying the one progress line per run.
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "framework.training"):
@@ -25,10 +39,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     from transformers.utils.logging import disable_progress_bar
 
-    from framework.benchmark import QUICK_TRAIN_STEPS, TRAIN_STEPS, train_table
+    from framework import benchmark
 
     disable_progress_bar()
-    print(train_table(QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS))
+    size = benchmark.QUICK_SIZE if args.quick else benchmark.FULL_SIZE
+    for table in args.tables:
+        if table == "train":
+            print(benchmark.train_table(benchmark.QUICK_TRAIN_STEPS if args.quick else benchmark.TRAIN_STEPS))
+        else:
+            print(getattr(benchmark, f"{table}_table")(size))
 
 
 if __name__ == "__main__":

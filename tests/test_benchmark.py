@@ -2,8 +2,12 @@
 
 import json
 import math
+import pytest
 
-from framework.benchmark import TRAIN_COLUMNS, train_table
+from framework.benchmark import (
+    DISTILLATION_COLUMNS, PRUNE_RUNS, PRUNING_COLUMNS, QUANT_METHODS, QUANTIZATION_COLUMNS, TRAIN_COLUMNS,
+    BenchSize, distillation_table, pruning_table, quantization_table, train_table,
+)
 
 # One warm-up and one timed step per precision on the nano model and short blocks; a given peak
 # FLOP/s skips its measurement.
@@ -28,3 +32,75 @@ def test_train_table_has_every_run_and_positive_finite_ratios(tmp_path):
     assert header == "| " + " | ".join(TRAIN_COLUMNS.values()) + " |"
     assert [line.split(" | ")[0] for line in body] == [f"| {row['run']}" for row in table["rows"]]
     assert "1 timed steps after 1 warm-up" in markdown  # the caption states the step counts
+
+
+# --- the compression tables: the framework's stages on a toy model, 2 val blocks of 32 tokens -------------------
+# Every stage also measures generation latency (seconds, even on a toy model), so the tests run a subset of
+# the rows: an unstructured method without calibration and an N:M one with it; one int8 method.
+# llama_tiny, not llama_nano: the distilled student keeps half the layers and needs at least 2.
+
+TOY_SIZE = BenchSize(model="llama_tiny", val_blocks=2, bf16_val_blocks=2, distill_steps=2, overrides=("data.block_size=32", "trainer.peak_flops=1e12"))
+TOY_PRUNE_RUNS = [run for run in PRUNE_RUNS if run[0] in ("magnitude 50%", "wanda 2:4")]
+TOY_QUANT_METHODS = QUANT_METHODS[:1]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """One output folder for the three tables, so that they make their dense artifact once, as a real run does."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def read_table(out_dir, name: str) -> dict:
+    table = json.loads((out_dir / f"{name}.json").read_text())
+    table["columns"] = dict(table["columns"])  # [key, header] pairs, in display order
+    markdown = (out_dir / f"{name}.md").read_text()
+    assert markdown.splitlines()[0] == "| " + " | ".join(table["columns"].values()) + " |"
+    assert [line.split(" | ")[0] for line in markdown.splitlines()[2:2 + len(table["rows"])]] == [f"| {row['run']}" for row in table["rows"]]
+    assert table["machine"]["cores"] and table["caption"] in markdown
+    return table
+
+
+def assert_positive_finite(rows, keys):
+    for row in rows:
+        for key in keys:
+            assert math.isfinite(row[key]) and row[key] > 0, (row["run"], key)
+
+
+def test_pruning_table_reaches_its_sparsity(bench_dir):
+    pruning_table(TOY_SIZE, str(bench_dir), TOY_PRUNE_RUNS)
+
+    table = read_table(bench_dir, "pruning")
+    assert list(table["columns"]) == list(PRUNING_COLUMNS)
+    rows = table["rows"]
+    assert [row["run"] for row in rows] == ["dense", "magnitude 50%", "wanda 2:4"]
+    assert_positive_finite(rows, ("val_ppl", "vs_dense"))
+    assert rows[0]["vs_dense"] == 1.0 and rows[0]["sparsity"] < 0.01
+    for row in rows[1:]:
+        assert abs(row["sparsity"] - 0.5) < 0.01 and row["wall_time_s"] > 0
+        assert row["val_ppl_start"] == rows[0]["val_ppl"]  # every stage started from the same dense model
+    assert rows[2]["n_m_ok"]
+    assert (bench_dir / "runs" / TOY_SIZE.tag / "prune-wanda-2of4").is_dir()  # artifacts kept for reruns
+
+
+def test_quantization_table_shrinks_the_model(bench_dir):
+    quantization_table(TOY_SIZE, str(bench_dir), TOY_QUANT_METHODS)
+
+    table = read_table(bench_dir, "quantization")
+    assert list(table["columns"]) == list(QUANTIZATION_COLUMNS)
+    rows = table["rows"]
+    assert [row["run"] for row in rows] == ["fp32", "bf16", "int8 weight-only"]
+    assert_positive_finite(rows, ("size_ratio", "ppl_ratio", "latency_ratio", "val_ppl", "latency_ms_per_token"))
+    assert rows[0]["size_ratio"] == 1.0 and all(row["size_ratio"] < 1 for row in rows[1:])
+
+
+def test_distillation_table_trains_both_students(bench_dir):
+    distillation_table(TOY_SIZE, str(bench_dir))
+
+    table = read_table(bench_dir, "distillation")
+    assert list(table["columns"]) == list(DISTILLATION_COLUMNS)
+    teacher, kd, alone = table["rows"]
+    assert_positive_finite([teacher, kd, alone], ("params", "val_ppl", "vs_teacher"))
+    assert_positive_finite([kd, alone], ("train_tokens_per_s", "wall_time_s"))
+    assert kd["params"] == alone["params"] < teacher["params"]
+    assert kd["train_steps"] == alone["train_steps"] == 2
+    assert "2 steps of batch 4" in table["caption"]

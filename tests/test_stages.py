@@ -29,21 +29,37 @@ def run_stage(kind, root, name, *overrides):
     return STAGES[kind](cfg)
 
 
-def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(trained):
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M as an artifact (no training: max_steps=0 evaluates and writes it)."""
+    root = tmp_path_factory.mktemp("smollm2")
+    cfg = compose_config("train", [*SMOLLM2, "trainer.max_steps=0"], run_dir=str(root / "trained"))
+    STAGES["train"](cfg)
+    return root
+
+
+SMOLLM2 = [*FAST, "model=smollm2_135m", "data.block_size=128", "data.max_val_blocks=8"]
+
+
+def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
+    # Outlier input features, which Wanda's and SparseGPT's activation-aware scores protect, appear in
+    # real pretrained LMs, not in a few-step toy: hence SmolLM2 here.
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        metrics = run_stage("prune", trained, f"prune_{method}", f"prune={method}", "prune.sparsity=0.5")
+        cfg = compose_config("prune", [*SMOLLM2, f"input={smollm2 / 'trained'}", f"prune={method}", "prune.sparsity=0.5", "prune.calibration_samples=16"], run_dir=str(smollm2 / method))
+        metrics = STAGES["prune"](cfg)
         assert metrics["prunable_sparsity"] == 0.5  # exact, every layer
         assert all(layer["sparsity"] == 0.5 for layer in metrics["layers"].values())
         ppl[method] = metrics["val_ppl"]
-    dense = read_metrics(str(trained / "trained"))["val_ppl"]
-    assert dense < ppl["sparsegpt"]
-    assert ppl["wanda"] < 0.95 * ppl["magnitude"], ppl
-    assert ppl["sparsegpt"] < 0.95 * ppl["magnitude"], ppl
-    assert ppl["sparsegpt"] <= ppl["wanda"] * 1.01, ppl
-    # A pruned artifact is a plain HF model: zeros included.
-    reloaded = AutoModelForCausalLM.from_pretrained(trained / "prune_wanda" / "model")
-    assert torch.count_nonzero(reloaded.model.layers[0].mlp.up_proj.weight) == reloaded.model.layers[0].mlp.up_proj.weight.numel() // 2
+    dense = read_metrics(str(smollm2 / "trained"))["val_ppl"]
+    assert dense < ppl["sparsegpt"], ppl
+    assert ppl["wanda"] < 0.8 * ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] < 0.8 * ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] <= ppl["wanda"] * 1.02, ppl
+    # A pruned artifact is a plain HF model, zeros included.
+    reloaded = AutoModelForCausalLM.from_pretrained(smollm2 / "wanda" / "model")
+    weight = reloaded.model.layers[0].mlp.up_proj.weight
+    assert torch.count_nonzero(weight) == weight.numel() // 2
 
 
 def test_two_four_pattern_holds_in_every_group(trained):
@@ -54,7 +70,7 @@ def test_two_four_pattern_holds_in_every_group(trained):
 def test_recovery_finetune_keeps_the_sparsity_and_lowers_perplexity(trained):
     one_shot = run_stage("prune", trained, "prune_oneshot", "prune=magnitude", "prune.sparsity=0.6")
     recovered = run_stage("prune", trained, "prune_recovered", "prune=magnitude", "prune.sparsity=0.6", "trainer.max_steps=20", "optimizer.lr=1e-3")
-    assert recovered["prunable_sparsity"] == 0.6
+    assert all(layer["params"] - layer["nonzero"] == round(0.6 * layer["params"]) for layer in recovered["layers"].values())
     assert recovered["val_ppl"] < one_shot["val_ppl"]
 
 
@@ -95,7 +111,7 @@ def test_int8_artifact_is_small_and_keeps_perplexity(trained):
 
 def test_qat_beats_ptq_at_the_same_format(trained):
     ptq = run_stage("quantize", trained, "ptq", "quantize=int8_dynamic")
-    qat = run_stage("quantize", trained, "qat", "quantize=qat_int8_dynamic", "trainer.max_steps=20", "optimizer.lr=5e-4")
+    qat = run_stage("quantize", trained, "qat", "quantize=qat_int8_dynamic", "trainer.max_steps=10", "optimizer.lr=1e-4")
     assert qat["val_ppl"] < ptq["val_ppl"]
     assert qat["size_bytes"] == pytest.approx(ptq["size_bytes"], rel=0.01)
 

@@ -81,13 +81,14 @@ def test_interrupted_run_resumes_and_ends_where_an_uninterrupted_run_ends(train_
     assert math.isclose(read_metrics(str(tmp_path / "cut"))["val_loss"], straight_loss, rel_tol=1e-5)
 
 
-def test_checkpoints_of_another_config_are_not_resumed(train_config, tmp_path):
-    from framework.artifacts import StageConflictError
-
+def test_checkpoints_of_another_config_are_set_aside_not_resumed(train_config, tmp_path):
     with pytest.raises(SystemExit):
         train(train_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"), hooks=StageHooks(callbacks=[InterruptAt(3)]))
-    with pytest.raises(StageConflictError, match="different config"):
-        train(train_config("trainer.max_steps=6", "optimizer.lr=1e-2"))
+    capture = CaptureModel()
+    metrics = train(train_config("trainer.max_steps=6", "optimizer.lr=1e-2"), hooks=StageHooks(callbacks=[capture]))
+    assert metrics["train_tokens"] == 6 * 8 * 64  # all six steps trained here: nothing was resumed
+    stale = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoints.stale-")]
+    assert len(stale) == 1 and (tmp_path / "run" / stale[0] / "last.ckpt").exists()
 
 
 def test_non_finite_loss_stops_with_a_clear_message(train_config):
