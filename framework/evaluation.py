@@ -28,7 +28,7 @@ def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def measure_latency(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 3) -> dict:
+def measure_latency(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 8, repeats: int = 2) -> dict:
     """Greedy generation latency (ms per new token) and forward throughput (tokens/s) of one prompt."""
     model.eval()
     prompt = prompt[:1]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory):
     """A 4-layer Llama trained on the stdlib docs: the input of every stage below."""
     root = tmp_path_factory.mktemp("stages")
-    cfg = compose_config("train", [*FAST, "model=llama_tiny", "trainer.max_steps=150", "optimizer.lr=3e-3"], run_dir=str(root / "trained"))
+    cfg = compose_config("train", [*FAST, "model=llama_tiny", "trainer.max_steps=100", "optimizer.lr=3e-3"], run_dir=str(root / "trained"))
     STAGES["train"](cfg)
     return root
 
@@ -38,7 +38,7 @@ def smollm2(tmp_path_factory):
     return root
 
 
-SMOLLM2 = [*FAST, "model=smollm2_135m", "data.block_size=128", "data.max_val_blocks=8"]
+SMOLLM2 = [*FAST, "model=smollm2_135m", "data.block_size=128", "data.max_val_blocks=4"]
 
 
 def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
@@ -46,7 +46,7 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
     # real pretrained LMs, not in a few-step toy: hence SmolLM2 here.
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        cfg = compose_config("prune", [*SMOLLM2, f"input={smollm2 / 'trained'}", f"prune={method}", "prune.sparsity=0.5", "prune.calibration_samples=16"], run_dir=str(smollm2 / method))
+        cfg = compose_config("prune", [*SMOLLM2, f"input={smollm2 / 'trained'}", f"prune={method}", "prune.sparsity=0.5", "prune.calibration_samples=8"], run_dir=str(smollm2 / method))
         metrics = STAGES["prune"](cfg)
         assert metrics["prunable_sparsity"] == 0.5  # exact, every layer
         assert all(layer["sparsity"] == 0.5 for layer in metrics["layers"].values())
