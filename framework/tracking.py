@@ -20,6 +20,7 @@ def build_loggers(logger_cfg: DictConfig, stage_dir: str, run_id: str, job_type:
     if logger_cfg.name == "tensorboard":
         loggers.append(TensorBoardLogger(save_dir=stage_dir, name="tensorboard", version=""))
     if logger_cfg.name == "wandb":
+        mode = wandb_mode(logger_cfg)
         loggers.append(
             WandbLogger(
                 project=logger_cfg.project,
@@ -28,10 +29,12 @@ def build_loggers(logger_cfg: DictConfig, stage_dir: str, run_id: str, job_type:
                 group=logger_cfg.group,
                 tags=list(logger_cfg.tags),
                 job_type=job_type,
-                id=run_id,
-                resume="allow",
+                # Online, a resumed stage continues its run. Offline runs are local files that a killed
+                # process may still hold, so a resumed stage starts a new one.
+                id=run_id if mode == "online" else None,
+                resume="allow" if mode == "online" else None,
                 save_dir=stage_dir,
-                mode=wandb_mode(logger_cfg),
+                mode=mode,
                 config=config,
             )
         )

@@ -13,7 +13,7 @@ import warnings
 
 from framework.cli import quiet_libraries
 
-TABLES = ("train", "pruning", "quantization", "distillation")
+TABLES = ("train", "pruning", "structure", "quantization", "distillation")
 
 
 def parse_tables(text: str) -> list[str]:

@@ -96,7 +96,7 @@ def test_wandb_offline_has_one_run_per_stage_in_one_group_with_lineage(finished_
                 runs[stage] = record.run
             if record.HasField("artifact"):
                 artifacts[record.artifact.name] = json.loads(record.artifact.metadata)
-    assert {run.group for run in runs.values()} == {"pipeline-tiny"}
+    assert {run.run_group for run in runs.values()} == {"pipeline-tiny"}
     assert {stage: run.job_type for stage, run in runs.items()} == {s: s if s in ("prune", "quantize", "distill") else "train" for s in STAGES}
     assert artifacts["pipeline-tiny-prune"]["uses"] == ["pipeline-tiny-finetune"]
     assert artifacts["pipeline-tiny-distill"]["uses"] == ["pipeline-tiny-finetune"]
@@ -135,7 +135,7 @@ def test_misspelt_stage_key_is_refused_before_any_work(tmp_path):
 def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tmp_path):
     command = [
         sys.executable, "recipes/pipeline.py", *SMALL, f"run_dir={tmp_path}",
-        "pipeline.stages.prune.trainer.max_steps=400", "pipeline.stages.prune.trainer.checkpoint_every_n_steps=5",
+        "pipeline.stages.prune.trainer.max_steps=400", "+pipeline.stages.prune.trainer.checkpoint_every_n_steps=5",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -69,7 +69,7 @@ def test_two_four_pattern_holds_in_every_group(trained):
 
 def test_recovery_finetune_keeps_the_sparsity_and_lowers_perplexity(trained):
     one_shot = run_stage("prune", trained, "prune_oneshot", "prune=magnitude", "prune.sparsity=0.6")
-    recovered = run_stage("prune", trained, "prune_recovered", "prune=magnitude", "prune.sparsity=0.6", "trainer.max_steps=20", "optimizer.lr=1e-3")
+    recovered = run_stage("prune", trained, "prune_recovered", "prune=magnitude", "prune.sparsity=0.6", "trainer.max_steps=20", "optimizer.lr=3e-4", "scheduler.warmup_steps=5")
     assert all(layer["params"] - layer["nonzero"] == round(0.6 * layer["params"]) for layer in recovered["layers"].values())
     assert recovered["val_ppl"] < one_shot["val_ppl"]
 
