@@ -116,11 +116,11 @@ def test_second_identical_run_trains_nothing(finished_run):
 def test_changing_quantize_reruns_quantize_and_distill_only(finished_run):
     run_dir, _ = finished_run
     before = completion_times(run_dir)
-    rows = run_pipeline(pipeline_config(run_dir, "pipeline.stages.quantize.groups.quantize=int8_weight_only"))
+    rows = run_pipeline(pipeline_config(run_dir, "pipeline.stages.quantize.groups.quantize=int8_dynamic"))
     after = completion_times(run_dir)
     assert [r["stage"] for r in rows if not r["cached"]] == ["quantize", "distill"]
     assert {s for s in STAGES if after[s] != before[s]} == {"quantize", "distill"}
-    assert read_metrics(str(run_dir / "quantize"))["quantization"] == "int8_weight_only"
+    assert read_metrics(str(run_dir / "quantize"))["quantization"] == "int8_dynamic"
 
 
 def test_misspelt_stage_key_is_refused_before_any_work(tmp_path):
