@@ -486,7 +486,7 @@ def measure_bf16(dense_dir: str, tokenizer, blocks: torch.Tensor, batch_size: in
         save_hf(model, tokenizer, directory)  # model + tokenizer, as an artifact's model/ dir
         size_bytes = artifacts.directory_size(directory)
     loss = evaluate_loss(model, blocks, batch_size)
-    # The same prompt (the first val block) and new tokens as the stages' latency, one repeat instead of three.
+    # The same prompt (the first val block) and new tokens as the stages' latency, one repeat instead of two.
     latency = measure_latency(model, blocks[:1], repeats=1)
     return {
         "size_bytes": size_bytes,
@@ -533,8 +533,8 @@ def quantization_table(size: BenchSize = FULL_SIZE, out_dir: str = BENCH_DIR, me
         f"stage (torchao; decoder linears and embeddings) on the fp32 dense artifact. bf16: the dense model cast "
         f"to bfloat16 and measured with the same functions, on its first {rows[1]['val_blocks']} val blocks only "
         f"(bf16 matmuls are slow on this CPU, {bf16} AVX-512 BF16/AMX), its ppl ratio against fp32 on those blocks, "
-        f"its latency from one generation instead of three, its wall time that of the cast, save and measurement. "
-        f"Size: the model/ directory with the tokenizer. Latency: greedy generation of 16 tokens after a "
+        f"its latency from one generation instead of two, its wall time that of the cast, save and measurement. "
+        f"Size: the model/ directory with the tokenizer. Latency: greedy generation of 8 tokens after a "
         f"one-block prompt (the first val block), per new token, prompt processing included. "
         f"Machine: {describe_machine(machine_info())}."
     )
