@@ -1,10 +1,14 @@
-"""Training callbacks: throughput and MFU, a NaN/inf guard, atomic checkpoints that also save on Ctrl-C."""
+"""Training callbacks: throughput and MFU, a NaN/inf guard, atomic checkpoints that also save on Ctrl-C,
+and a save-and-requeue on the signal a cluster sends before it stops a job."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import signal
+import subprocess
+import threading
 import time
 
 import lightning.pytorch as pl
@@ -16,6 +20,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class PreemptedError(RuntimeError):
+    """The job was told to stop (SIGUSR1) and saved last.ckpt; rerunning the same command resumes it."""
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -113,7 +121,49 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > self._last_global_step_saved:
-            log.info("interrupted: saving %s at step %d", self.CHECKPOINT_NAME_LAST, trainer.global_step)
+    def save_last_checkpoint(self, trainer: pl.Trainer, why: str) -> None:
+        if trainer.global_step > self._last_global_step_saved:
+            log.info("%s: saving %s at step %d", why, self.CHECKPOINT_NAME_LAST, trainer.global_step)
             self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            self.save_last_checkpoint(trainer, "interrupted")
+
+
+class RequeueOnSignal(pl.Callback):
+    """On SIGUSR1 (Slurm's warning before a time limit or preemption): save last.ckpt, then requeue.
+
+    The signal only sets a flag; at the next step boundary every rank agrees to stop (one rank may
+    be the only one signalled), the checkpoint is saved, and the job is requeued: by submitit's
+    handler when submitit runs the job (launcher=slurm or local), else by `scontrol requeue` under
+    Slurm. Anywhere else the run stops with PreemptedError, and rerunning the command resumes it.
+    """
+
+    def __init__(self, checkpoint: AtomicCheckpoint, signum: int = signal.SIGUSR1):
+        self.checkpoint, self.signum = checkpoint, signum
+        self.requested, self.previous = False, None
+
+    def setup(self, trainer, pl_module, stage):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(self.signum, self._request)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+            self.previous = None
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        self.checkpoint.save_last_checkpoint(trainer, f"signal {signal.Signals(self.signum).name}")
+        previous = self.previous
+        self.teardown(trainer, pl_module, "fit")
+        if callable(previous):  # submitit's handler: rank 0 requeues the job and exits
+            previous(self.signum, None)
+        elif "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        raise PreemptedError(f"stopped by signal {self.signum} at step {trainer.global_step}; last.ckpt saved, rerun to resume")

@@ -9,11 +9,11 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.callbacks import NonFiniteLossError
+from framework.callbacks import NonFiniteLossError, PreemptedError
 from framework.config import ConfigError
 
 # Exit codes a script or scheduler can tell apart.
-EXIT_CONFIG, EXIT_NONFINITE = 2, 3
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4
 
 
 def quiet_libraries() -> None:
@@ -33,7 +33,7 @@ def print_config(cfg: DictConfig, title: str = "config") -> None:
 
     tree = Tree(f"[bold]{title}")
     for key, value in cfg.items():
-        if key == "hydra":
+        if key == "hydra" or value is None:
             continue
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         branch = tree.add(f"[bold cyan]{key}")
@@ -41,22 +41,48 @@ def print_config(cfg: DictConfig, title: str = "config") -> None:
     Console(stderr=True).print(tree)
 
 
-def run_recipe(work: Callable[[], object], cfg: DictConfig, title: str) -> object:
-    """Print the config, run `work`, and report bad input as `error: <key>: <what is allowed>`."""
+def run_recipe(work: Callable[[DictConfig], object], cfg: DictConfig, title: str) -> object:
+    """Print the config, run `work(cfg)` (or a hyperparameter search over it), report bad input in one line.
+
+    Errors read `error: <key>: <what is allowed>`. In a Hydra multirun the failure is raised instead
+    of exiting, so that the sweep records this job as failed and goes on with the others.
+    """
     quiet_libraries()
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation that cannot resolve names its key
-        _fail(f"config: {str(err).splitlines()[0]}", EXIT_CONFIG)
+        _fail(f"config: {str(err).splitlines()[0]}", EXIT_CONFIG, err)
     print_config(cfg, title)
     try:
-        return work()
+        if cfg.get("hparams_search"):
+            from framework.sweeps import run_study
+
+            return run_study(cfg, work)
+        return work(cfg)
     except ConfigError as err:
-        _fail(str(err), EXIT_CONFIG)
+        _fail(str(err), EXIT_CONFIG, err)
     except NonFiniteLossError as err:
-        _fail(str(err), EXIT_NONFINITE)
+        _fail(str(err), EXIT_NONFINITE, err)
+    except PreemptedError as err:
+        _fail(str(err), EXIT_PREEMPTED, err)
 
 
-def _fail(message: str, code: int) -> None:
+def run_stage_recipe(kind: str, cfg: DictConfig) -> object:
+    """The recipe of one stage: its processes launched as the strategy asks (framework.launch)."""
+    from framework.launch import run_stage
+
+    return run_recipe(lambda c: run_stage(kind, c), cfg, kind)
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _fail(message: str, code: int, error: Exception) -> None:
     print(f"error: {message}", file=sys.stderr)
+    if in_multirun():
+        raise error
     sys.exit(code)

@@ -19,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed")
-GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "model_parallel")
+GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed", "model_parallel")
 ARCHS = ("llama", "gpt2", "pretrained")
 DATA_SOURCES = ("stdlib_docs", "stdlib_modules", "text_files", "hf_dataset")
 FINETUNE_METHODS = ("full", "lora")
@@ -100,7 +100,8 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     process_group_backend: Optional[str] = None
     sharding_strategy: str = "FULL_SHARD"  # fsdp
-    stage: int = 2  # deepspeed ZeRO stage
+    stage: int = 2  # deepspeed ZeRO stage (2 or 3)
+    offload: bool = False  # deepspeed: optimizer states (and ZeRO-3 parameters) in CPU memory
 
 
 @dataclass
@@ -143,6 +144,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class SearchConfig:
+    """A hyperparameter search (framework/sweeps.py); `hparams_search=<name>` picks one from conf/hparams_search."""
+
+    study_name: str = "search"
+    storage: Optional[str] = None  # RDB URL (sqlite:///..., postgresql://...) or journal file; default: <sweep_dir>/study.journal
+    sweep_dir: str = "outputs/sweeps/search"
+    objective: str = "val_loss"  # a metrics.json key; in a pipeline <stage>.<key>, e.g. distill.val_ppl
+    direction: str = "minimize"
+    constraints: list[str] = field(default_factory=list)  # e.g. ["quantize.size_bytes <= 2e6"]
+    n_trials: int = 8  # trials in the study, over all workers
+    params: Any = field(default_factory=dict)  # {override key: Hydra sweep syntax}, e.g. {optimizer.lr: tag(log, interval(1e-4, 1e-2))}
+    sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": 0, "n_startup_trials": 5})
+    pruner: Any = field(default_factory=lambda: {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 0})
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = "outputs"
     cache_dir: str = "outputs/cache"
@@ -163,6 +180,7 @@ class TrainConfig:
     seed: int = 1234
     run_dir: str = "outputs/train/default"
     input: Optional[str] = None  # start from this artifact's model (a finetune in a pipeline)
+    hparams_search: Optional[SearchConfig] = None
 
 
 TRAIN_SECTIONS = tuple(TrainConfig.__dataclass_fields__)
@@ -244,6 +262,7 @@ class PipelineConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1234
     run_dir: str = "outputs/pipeline/default"
+    hparams_search: Optional[SearchConfig] = None
 
 
 STAGE_SCHEMAS = {
@@ -414,6 +433,13 @@ def _check_machine(cfg: DictConfig) -> None:
         raise ConfigError("precision", "16-mixed needs a CUDA GPU; on the CPU use bf16-mixed or 32-true")
     if cfg.strategy.name in GPU_ONLY_STRATEGIES and not has_gpu:
         raise ConfigError("strategy", f"{cfg.strategy.name} needs CUDA GPUs; on the CPU use ddp or ddp_spawn")
+    if cfg.strategy.name == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("strategy", "deepspeed is not installed (pip install deepspeed)")
+        if cfg.strategy.stage not in (1, 2, 3):
+            raise ConfigError("strategy.stage", f"ZeRO stage must be 1, 2 or 3, got {cfg.strategy.stage}")
     if cfg.precision.name == "auto":
         cfg.precision.name = auto_precision(has_gpu)
 
@@ -459,6 +485,26 @@ def _run_name(override_dirname: str) -> str:
     return name if len(name) <= 120 else name[:100] + "-" + _short_hash(name)
 
 
+def _job_dir(single_run_dir: str) -> str:
+    """A job's run directory: the given one for a single run, Hydra's job directory in a multirun.
+
+    In a multirun each job must land in its own directory, which Hydra names from the job's overrides.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().runtime.output_dir:
+        return HydraConfig.get().runtime.output_dir
+    return single_run_dir
+
+
+def _rank_zero_or(value: Any, other: Any = None) -> Any:
+    """`value` in the process of rank 0, `other` in the others (which must not write Hydra's files)."""
+    from framework.launch import is_rank_zero
+
+    return value if is_rank_zero() else other
+
+
 def _short_hash(text: str) -> str:
     import hashlib
 
@@ -483,7 +529,8 @@ def register() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
-    for name, fn in (("run_name", _run_name), ("package_dir", _package_dir)):
+    resolvers = (("run_name", _run_name), ("package_dir", _package_dir), ("job_dir", _job_dir), ("rank_zero_or", _rank_zero_or))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     for kind, schema in STAGE_SCHEMAS.items():

@@ -56,9 +56,23 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
 
+    def configure_model(self):
+        """Under strategy=model_parallel: shard each decoder layer, then the rest, over the data-parallel mesh (FSDP2)."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        blocks = set(getattr(self.model, "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def training_step(self, batch, batch_idx):
         loss = self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        self.log("train/loss", loss, prog_bar=True)
+        # Averaged over ranks: the logged loss is the global batch's, whatever the number of processes.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from framework import artifacts, report
 from framework.config import ConfigError
+from framework.launch import run_stage
 from framework.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         done_before = _complete_mtime(stage_dir)
         started = time.perf_counter()
         log.info("stage %s (%s)", name, spec.kind)
-        metrics = STAGES[spec.kind](configs[name], stage_dir, previous)
+        metrics = run_stage(spec.kind, configs[name], stage_dir, previous)
         cached = done_before is not None and done_before == _complete_mtime(stage_dir)
         rows.append(report.row(name, spec.kind, stage_dir, metrics, cached, time.perf_counter() - started))
         previous = [artifacts.read_fingerprint(stage_dir)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
@@ -67,7 +68,9 @@ def log_stage_artifact(loggers: list[Logger], logger_cfg: DictConfig, stage_dir:
 
 
 def artifact_name(logger_cfg: DictConfig, stage: str) -> str:
-    return f"{logger_cfg.group}-{stage}" if logger_cfg.group else stage
+    """wandb allows letters, digits, '-', '_' and '.' (a run directory named after overrides has '=' and ',')."""
+    name = f"{logger_cfg.group}-{stage}" if logger_cfg.group else stage
+    return re.sub(r"[^\w.-]", "_", name)
 
 
 def finish(loggers: list[Logger]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import logging
 import os
@@ -14,10 +16,11 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from framework import artifacts
-from framework.callbacks import AtomicCheckpoint, NanGuard, Throughput
+from framework.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, Throughput
 from framework.config import as_plain, validate_train_config
 from framework.data import LMDataModule, corpus_id, load_documents
 from framework.evaluation import evaluate_loss, model_metrics, perplexity
+from framework.launch import is_rank_zero, local_world_size
 from framework.models import build_model_and_tokenizer
 from framework.modules import CausalLMModule
 from framework.tracking import build_loggers, finish, log_stage_artifact
@@ -43,15 +46,24 @@ def checkpoint_dir(stage_dir: str) -> str:
     return os.path.join(stage_dir, "checkpoints")
 
 
-def last_checkpoint(stage_dir: str) -> str | None:
-    path = os.path.join(checkpoint_dir(stage_dir), "last.ckpt")
+def resumable_checkpoint(stage_dir: str, stage_fingerprint: str) -> str | None:
+    """last.ckpt when it was written for this very config, else None (decided alike on every rank)."""
+    directory = checkpoint_dir(stage_dir)
+    path = os.path.join(directory, "last.ckpt")
+    if artifacts.read_fingerprint(directory) not in (None, stage_fingerprint):
+        return None
     return path if os.path.isfile(path) else None
 
 
 def claim_checkpoints(stage_dir: str, stage_fingerprint: str) -> None:
-    """Never resume checkpoints written for a different config (or input): set them aside, start afresh."""
+    """Never resume checkpoints written for a different config (or input): set them aside, start afresh.
+
+    Rank 0 alone moves files; the other ranks reach the same decision in `resumable_checkpoint`.
+    """
     directory = checkpoint_dir(stage_dir)
     owner = artifacts.read_fingerprint(directory)
+    if not is_rank_zero():
+        return
     if owner is not None and owner != stage_fingerprint and glob.glob(os.path.join(directory, "*.ckpt")):
         stale = f"{directory}.stale-{owner[:12]}"
         log.warning("%s holds checkpoints of another config: moved to %s, starting afresh", directory, stale)
@@ -60,7 +72,7 @@ def claim_checkpoints(stage_dir: str, stage_fingerprint: str) -> None:
     artifacts.atomic_write_text(os.path.join(directory, artifacts.FINGERPRINT), stage_fingerprint + "\n")
 
 
-def build_strategy(strategy_cfg: DictConfig):
+def build_strategy(strategy_cfg: DictConfig, world_size: int):
     from lightning.pytorch.strategies import DDPStrategy
 
     name = strategy_cfg.name
@@ -77,7 +89,11 @@ def build_strategy(strategy_cfg: DictConfig):
     if name == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=strategy_cfg.stage)
+        return DeepSpeedStrategy(stage=strategy_cfg.stage, offload_optimizer=strategy_cfg.offload, offload_parameters=strategy_cfg.offload and strategy_cfg.stage == 3)
+    if name == "model_parallel":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
     return "auto"
 
 
@@ -87,7 +103,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
         dirpath=checkpoint_dir(stage_dir), filename="step{step:06d}", auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=1, save_last=True,
     )
-    callbacks = [*callbacks, checkpointing, NanGuard()]
+    callbacks = [*callbacks, checkpointing, RequeueOnSignal(checkpointing), NanGuard()]
     if t.enable_progress_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -96,7 +112,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg.strategy),
+        strategy=build_strategy(cfg.strategy, local_world_size(cfg) * t.num_nodes),
         precision=cfg.precision.name,
         max_steps=t.max_steps,
         # Validation every N optimizer steps; the batch stream is endless, so epochs play no part.
@@ -134,6 +150,19 @@ def apply_lora(model, finetune_cfg: DictConfig):
 def merged_model(model):
     """The plain HF model to save: LoRA adapters folded into the weights."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+_extra_callbacks: contextvars.ContextVar[tuple[pl.Callback, ...]] = contextvars.ContextVar("extra_callbacks", default=())
+
+
+@contextlib.contextmanager
+def extra_callbacks(callbacks: Sequence[pl.Callback]):
+    """Add callbacks to every stage trained inside the block (a search's trial reporting its val loss)."""
+    token = _extra_callbacks.set((*_extra_callbacks.get(), *callbacks))
+    try:
+        yield
+    finally:
+        _extra_callbacks.reset(token)
 
 
 @dataclass
@@ -176,7 +205,9 @@ def train(
     if artifacts.is_complete(stage_dir, stage_fingerprint):
         log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
         return artifacts.read_metrics(stage_dir)
-    artifacts.invalidate(stage_dir)
+    resume_from = resumable_checkpoint(stage_dir, stage_fingerprint)
+    if is_rank_zero():
+        artifacts.invalidate(stage_dir)
     claim_checkpoints(stage_dir, stage_fingerprint)
     started = time.perf_counter()
 
@@ -196,13 +227,12 @@ def train(
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
-    callbacks = [throughput, *hooks.callbacks]
+    callbacks = [throughput, *hooks.callbacks, *_extra_callbacks.get()]
     if cfg.finetune.keep_sparsity:
         from framework.compression.gradual import KeepZeros
 
         callbacks.append(KeepZeros())
     trainer = build_trainer(cfg, stage_dir, callbacks, loggers)
-    resume_from = last_checkpoint(stage_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)
     try:

@@ -3,13 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from framework import stages
-from framework.cli import run_recipe
+from framework.cli import run_stage_recipe
 
 
 @hydra.main(config_path="../conf", config_name="distill", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_recipe(lambda: stages.STAGES["distill"](cfg), cfg, "distill")
+    run_stage_recipe("distill", cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from framework.cli import run_recipe
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_recipe(lambda: stages.evaluate(cfg), cfg, "evaluate")
+    run_recipe(stages.evaluate, cfg, "evaluate")
 
 
 if __name__ == "__main__":

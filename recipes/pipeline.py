@@ -13,7 +13,7 @@ from framework.pipeline import run_pipeline
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_recipe(lambda: run_pipeline(cfg), cfg, "pipeline")
+    run_recipe(run_pipeline, cfg, "pipeline")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from framework import stages
-from framework.cli import run_recipe
+from framework.cli import run_stage_recipe
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_recipe(lambda: stages.STAGES["train"](cfg), cfg, "train")
+    run_stage_recipe("train", cfg)
 
 
 if __name__ == "__main__":
