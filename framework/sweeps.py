@@ -327,7 +327,7 @@ def trial_rows(study) -> list[dict]:
     for t in study.trials:
         row = {"trial": t.number, "state": t.state.name, "value": t.value}
         row.update({name: t.params.get(name) for name in names})
-        row.update(feasible=_feasible(t), seconds=t.user_attrs.get("seconds"), worker=t.user_attrs.get("worker"), error=t.user_attrs.get("error", ""))
+        row.update(feasible=_feasible(t) if t.state.name == "COMPLETE" else None, seconds=t.user_attrs.get("seconds"), worker=t.user_attrs.get("worker"), error=t.user_attrs.get("error", ""))
         rows.append(row)
     return rows
 
