@@ -15,13 +15,13 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("data", "text_files"): ["data.paths=[{text_file}]"],
     ("data", "hf_dataset"): ["data.hf_name=wikitext"],
 }
-GPU_ONLY = {("precision", "16-mixed"), ("strategy", "fsdp"), ("strategy", "deepspeed")}
+GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3", "model_parallel"))}
 
 
 def config_options():
     for group in sorted(os.listdir(CONF_DIR)):
         folder = os.path.join(CONF_DIR, group)
-        if os.path.isdir(folder) and group not in ("hydra", "experiment", "pipeline", "hparams_search"):
+        if os.path.isdir(folder) and group not in ("hydra", "experiment", "pipeline", "hparams_search", "launcher"):
             for name in sorted(os.listdir(folder)):
                 yield group, name.removesuffix(".yaml")
 
@@ -129,3 +129,17 @@ def test_recipe_prints_the_error_as_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: optimizer.lr: must be > 0, got -0.1"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launchers_take_nodes_and_tasks_from_the_trainer(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"launcher={launcher}", "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+    settings = cfg.hydra.launcher
+    assert settings._target_.endswith(target)
+    assert cfg.hydra.mode.name == "MULTIRUN"  # launchers run multiruns: no -m needed
+    if launcher == "slurm":
+        assert (settings.nodes, settings.tasks_per_node, settings.gpus_per_node) == (2, 4, 4)
+        assert settings.signal_delay_s > 0 and settings.max_num_timeout > 0  # SIGUSR1 before the limit, requeues

@@ -101,3 +101,34 @@ def test_objective_and_constraints_read_stage_metrics(tmp_path):
     assert parse_constraint("quantize.size_bytes <= 2e6") == ("quantize.size_bytes", "<=", 2e6)
     with pytest.raises(ConfigError, match="hparams_search.constraints"):
         parse_constraint("size < big")
+
+
+@pytest.mark.slow
+def test_pipeline_search_optimizes_a_stage_metric_under_a_constraint(tmp_path):
+    """Objective and constraint come from the pipeline's stages: the quantized model's perplexity, with a
+    bound on the pretrained model's val loss that the slowest learning rates miss."""
+    command = [
+        sys.executable, "recipes/pipeline.py", "experiment=tiny_pipeline", "hparams_search=tiny_student", f"paths.output_dir={tmp_path}",
+        "~pipeline.stages.finetune", "~pipeline.stages.prune", "~pipeline.stages.distill", "pipeline.stages.quantize.input=pretrain",
+        "pipeline.stages.pretrain.groups.model=llama_nano", "pipeline.stages.pretrain.trainer.max_steps=20",
+        "pipeline.stages.pretrain.trainer.val_check_interval=5",
+        "+common.trainer.enable_progress_bar=false", "+common.data.max_val_blocks=8", "+common.precision.name=32-true",
+        "hparams_search.objective=quantize.val_ppl", "hparams_search.constraints=['pretrain.val_loss <= 7.5']",
+        "hparams_search.n_trials=4", "hparams_search.pruner.name=none",
+        "~hparams_search.params.pipeline.stages.distill",
+        "+hparams_search.params.pipeline.stages.pretrain.optimizer.lr='tag(log, interval(1e-5, 1e-2))'",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "pipeline_tiny_student"
+    with open(sweep_dir / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+    for row in rows:  # each trial ran the pipeline into its own directory
+        trial_dir = sweep_dir / f"trial_{int(row['trial']):03d}"
+        assert float(row["value"]) == pytest.approx(read_metric(str(trial_dir), "quantize.val_ppl"))
+        assert (row["feasible"] == "True") == (read_metric(str(trial_dir), "pretrain.val_loss") <= 7.5)
+    feasible = [r for r in rows if r["feasible"] == "True"]
+    best = OmegaConf.load(sweep_dir / "best.yaml")
+    if feasible:
+        assert best.value == pytest.approx(min(float(r["value"]) for r in feasible))
