@@ -3,6 +3,7 @@ through torchrun, Hydra multiruns of DDP jobs, a save-and-requeue on SIGUSR1, an
 
 import csv
 import json
+import logging
 import os
 import signal
 import socket
@@ -167,3 +168,34 @@ def test_several_nodes_without_a_rendezvous_get_a_clear_error(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: trainer.num_nodes: 2 nodes need MASTER_ADDR, MASTER_PORT, NODE_RANK" in result.stderr
+
+
+def test_sigusr1_under_submitit_saves_then_hands_over_to_its_requeue_handler(train_config, tmp_path, caplog):
+    """submitit installs its own SIGUSR1 handler (requeue, then exit); ours saves last.ckpt first."""
+    import lightning.pytorch as pl
+
+    from framework.training import extra_callbacks, train
+
+    calls = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        calls.append(checkpoint.exists())
+        raise SystemExit(144)  # submitit's local "requeue me" exit code
+
+    class SignalAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, submitit_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info, extra_callbacks([SignalAt()]):
+            train(train_config("trainer.max_steps=50"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert exit_info.value.code == 144 and calls == [True]
+    assert not is_complete(str(tmp_path / "run"))
+    caplog.set_level(logging.INFO, logger="framework.training")
+    metrics = train(train_config("trainer.max_steps=50"))  # the requeued job resumes and finishes
+    assert "resuming from" in caplog.text and metrics["train_steps"] == 50

@@ -130,5 +130,5 @@ def test_pipeline_search_optimizes_a_stage_metric_under_a_constraint(tmp_path):
         assert (row["feasible"] == "True") == (read_metric(str(trial_dir), "pretrain.val_loss") <= 7.5)
     feasible = [r for r in rows if r["feasible"] == "True"]
     best = OmegaConf.load(sweep_dir / "best.yaml")
-    if feasible:
-        assert best.value == pytest.approx(min(float(r["value"]) for r in feasible))
+    assert feasible  # the seeded search finds learning rates on both sides of the bound
+    assert best.value == pytest.approx(min(float(r["value"]) for r in feasible))
