@@ -12,6 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from framework.callbacks import NonFiniteLossError, PreemptedError
 from framework.config import ConfigError
 
+# Slurm signals a job shortly before its time limit; submitit requeues it on this signal: SIGUSR1 (Lightning's
+# default, which framework.callbacks.RequeueOnSignal handles) instead of submitit's USR2. Set at import, before
+# Hydra's submitit launcher imports submitit, and inherited by the jobs it submits.
+os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+
 # Exit codes a script or scheduler can tell apart.
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4
 
@@ -55,7 +60,7 @@ def run_recipe(work: Callable[[DictConfig], object], cfg: DictConfig, title: str
     print_config(cfg, title)
     try:
         if cfg.get("hparams_search"):
-            from framework.sweeps import run_study
+            from framework.search import run_study
 
             return run_study(cfg, work)
         return work(cfg)

@@ -100,7 +100,7 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     process_group_backend: Optional[str] = None
     sharding_strategy: str = "FULL_SHARD"  # fsdp
-    stage: int = 2  # deepspeed ZeRO stage (2 or 3)
+    stage: int = 2  # deepspeed ZeRO stage (1, 2 or 3)
     offload: bool = False  # deepspeed: optimizer states (and ZeRO-3 parameters) in CPU memory
 
 
@@ -145,7 +145,7 @@ class FinetuneConfig:
 
 @dataclass
 class SearchConfig:
-    """A hyperparameter search (framework/sweeps.py); `hparams_search=<name>` picks one from conf/hparams_search."""
+    """A hyperparameter search (framework/search.py); `hparams_search=<name>` picks one from conf/hparams_search."""
 
     study_name: str = "search"
     storage: Optional[str] = None  # RDB URL (sqlite:///..., postgresql://...) or journal file; default: <sweep_dir>/study.journal

@@ -30,9 +30,6 @@ from framework.config import ConfigError
 log = logging.getLogger(__name__)
 
 MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp", "deepspeed", "model_parallel")
-# Slurm signals a job shortly before its time limit; submitit requeues on this signal (ours: SIGUSR1,
-# Lightning's default, instead of submitit's USR2). Set before submitit is imported by the launcher.
-os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
 
 def global_rank() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from typing import Any
 
 from framework import artifacts
 
@@ -52,6 +53,25 @@ def markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
     notes = [f"- {r['stage']}: student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A markdown table of dicts, one column per key of the first."""
+    if not rows:
+        return "(no rows)\n"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(h)) for h in headers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "/")
 
 
 def print_table(rows: list[dict], title: str = "pipeline") -> None:

@@ -103,6 +103,30 @@ def test_two_nodes_on_localhost_through_torchrun(single_process_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_tasks_started_by_srun_are_not_relaunched(single_process_run, tmp_path):
+    """The environment srun gives each task (SLURM_*), simulated: Lightning takes the ranks from it."""
+    port, job_id = free_port(), "4242"
+    slurm = {
+        "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port),
+    }
+    args = [*SMALL, "strategy=ddp", "trainer.devices=2", "data.batch_size=4", f"paths.output_dir={tmp_path}"]
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "recipes/train.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [task.communicate(timeout=600)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "launched" not in outputs[0]
+    run_dir = only_run_dir(tmp_path)
+    assert [p.name for p in run_dir.glob("*.log")] == ["train.log"]
+    assert_same_trajectory(run_dir, single_process_run)
+
+
+@pytest.mark.slow
 def test_multirun_of_ddp_jobs_with_a_failing_job_completes_the_others(tmp_path):
     result = recipe("-m", "strategy=ddp", "trainer.devices=2", "data.batch_size=4", "optimizer.lr=1e-3,-1,2e-3", output_dir=tmp_path)
     assert result.returncode != 0  # Hydra reports the failed job once all jobs have run

@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna, and the summary of Hydra multiruns.
+"""Hyperparameter search with Optuna.
 
 `hparams_search=<name>` turns a recipe run into a worker of an Optuna study. The study lives in a
 shared storage (a journal file by default, or an RDB URL), so any number of workers, on one machine
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import re
@@ -24,10 +23,10 @@ import time
 from typing import Any, Callable
 
 import lightning.pytorch as pl
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from framework import artifacts
+from framework import artifacts, report
+from framework.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +119,6 @@ def read_metric(run_dir: str, key: str) -> float:
 def parse_constraint(text: str) -> tuple[str, str, float]:
     match = CONSTRAINT.match(text)
     if not match:
-        from framework.config import ConfigError
-
         raise ConfigError("hparams_search.constraints", f"'{text}' is not '<metric> <= <number>' or '<metric> >= <number>'")
     return match[1], match[2], float(match[3])
 
@@ -172,7 +169,7 @@ def _sampler(cfg: DictConfig, seed_offset: int):
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.get("n_startup_trials", 10), constraints_func=_constraint_values)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise _config_error("hparams_search.sampler.name", f"'{name}' is not one of tpe, random")
+    raise ConfigError("hparams_search.sampler.name", f"'{name}' is not one of tpe, random")
 
 
 def _constraint_values(trial) -> list[float]:
@@ -189,13 +186,7 @@ def _pruner(cfg: DictConfig):
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.get("min_resource", "auto"), reduction_factor=cfg.get("reduction_factor", 3))
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise _config_error("hparams_search.pruner.name", f"'{name}' is not one of median, successive_halving, none")
-
-
-def _config_error(key: str, message: str):
-    from framework.config import ConfigError
-
-    return ConfigError(key, message)
+    raise ConfigError("hparams_search.pruner.name", f"'{name}' is not one of median, successive_halving, none")
 
 
 def _worker_id() -> str:
@@ -255,10 +246,10 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
     search = cfg.hparams_search
     distributions, fixed = search_space(search.params)
     if not distributions:
-        raise _config_error("hparams_search.params", "no parameter to search (use choice(...), interval(...) or range(...))")
+        raise ConfigError("hparams_search.params", "no parameter to search (use choice(...), interval(...) or range(...))")
     constraints = [parse_constraint(c) for c in search.constraints]
     if search.direction not in ("minimize", "maximize"):
-        raise _config_error("hparams_search.direction", f"'{search.direction}' is not minimize or maximize")
+        raise ConfigError("hparams_search.direction", f"'{search.direction}' is not minimize or maximize")
     config_name, base_overrides = _task_overrides()
     storage = _storage(search)
     study = optuna.create_study(study_name=search.study_name, storage=storage, direction=search.direction, pruner=_pruner(search.pruner), load_if_exists=True)
@@ -332,24 +323,6 @@ def trial_rows(study) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no rows)\n"
-    headers = list(rows[0])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(_format_cell(row.get(h)) for h in headers) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _format_cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "/")
-
-
 def _csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     if rows:
@@ -366,7 +339,7 @@ def write_summary(study, search: DictConfig) -> dict:
     best = best_trial(study)
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     header = f"# Study {search.study_name}: {search.direction} {search.objective}\n\n" + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()) + "\n\n"
-    artifacts.atomic_write_text(os.path.join(sweep_dir, "trials.md"), header + markdown_table(rows))
+    artifacts.atomic_write_text(os.path.join(sweep_dir, "trials.md"), header + report.markdown_table(rows))
     artifacts.atomic_write_text(os.path.join(sweep_dir, "trials.csv"), _csv(rows))
     summary = {"study": search.study_name, "objective": search.objective, "trials": counts, "best": None}
     if best is not None:
@@ -383,7 +356,7 @@ def write_summary(study, search: DictConfig) -> dict:
         artifacts.atomic_write_text(os.path.join(sweep_dir, "best.yaml"), OmegaConf.to_yaml(document))
     _plots(study, sweep_dir)
     artifacts.atomic_write_json(os.path.join(sweep_dir, "summary.json"), summary)
-    print(header + markdown_table(rows))
+    print(header + report.markdown_table(rows))
     if best is not None:
         print(f"best: trial {best.number}, {search.objective} = {best.value:.4f}, {best.params}")
     return summary
@@ -412,47 +385,3 @@ def _plots(study, sweep_dir: str) -> None:
             os.replace(tmp, os.path.join(sweep_dir, f"{name}.png"))
         except (ValueError, RuntimeError) as err:  # e.g. importances need two finished trials
             log.warning("no %s plot: %s", name, err)
-
-
-# --- grid sweeps (Hydra multirun) --------------------------------------------------------------------------------
-
-
-class JobSummary(Callback):
-    """In a multirun, record each job's status in its directory and refresh sweep_summary.md.
-
-    Written after every job (also by jobs on other machines), so the summary is there when a job
-    fails and Hydra stops before its end-of-sweep callbacks.
-    """
-
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        from hydra.core.utils import JobStatus
-        from hydra.types import RunMode
-
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return
-        failed = job_return.status == JobStatus.FAILED
-        error = job_return._return_value if failed else None
-        status = {
-            "overrides": " ".join(job_return.overrides or []),
-            "status": job_return.status.name,
-            "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if failed else "",
-        }
-        job_dir = config.hydra.runtime.output_dir
-        artifacts.atomic_write_json(os.path.join(job_dir, "job_status.json"), status)
-        write_sweep_summary(config.hydra.sweep.dir)
-
-
-def write_sweep_summary(sweep_dir: str) -> list[dict]:
-    rows = []
-    for name in sorted(os.listdir(sweep_dir)):
-        job_dir = os.path.join(sweep_dir, name)
-        path = os.path.join(job_dir, "job_status.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            row = json.load(f)
-        metrics = artifacts.read_metrics(job_dir) if os.path.isfile(os.path.join(job_dir, artifacts.METRICS)) else {}
-        row = {"job": name, **row, "val_loss": metrics.get("val_loss"), "val_ppl": metrics.get("val_ppl")}
-        rows.append(row)
-    artifacts.atomic_write_text(os.path.join(sweep_dir, "sweep_summary.md"), markdown_table(rows))
-    return rows
