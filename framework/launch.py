@@ -66,7 +66,8 @@ def local_world_size(cfg: DictConfig) -> int:
 
 
 def needs_launch(cfg: DictConfig) -> bool:
-    return local_world_size(cfg) > 1 and not launched_externally()
+    """A stage that trains (max_steps > 0) on several local devices, with no launcher around us."""
+    return cfg.trainer.max_steps > 0 and local_world_size(cfg) > 1 and not launched_externally()
 
 
 def run_stage(kind: str, cfg: DictConfig, stage_dir: str | None = None, input_fingerprints: Sequence[str] = ()) -> dict:

@@ -164,7 +164,8 @@ def distill(cfg: DictConfig, stage_dir: str | None = None, input_fingerprints=()
     extra = {}
     if validated.distill.baseline:
         baseline = train(cfg, os.path.join(stage_dir, "baseline"), inputs, "distill-baseline", StageHooks(prepare_model=prepare), _validator("distill"))
-        extra = {"baseline_val_loss": baseline["val_loss"], "baseline_val_ppl": baseline["val_ppl"]}
+        if baseline:  # empty on ranks other than 0, which write nothing
+            extra = {"baseline_val_loss": baseline["val_loss"], "baseline_val_ppl": baseline["val_ppl"]}
     d = validated.distill
     hooks = StageHooks(
         prepare_model=prepare,

@@ -238,7 +238,7 @@ def train(
     try:
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero and is_rank_zero()):  # the trainer knows its rank only once it has trained
             return {}  # rank 0 alone evaluates and writes the artifact
         final = merged_model(module.model).float()
         if hooks.finalize is not None:

@@ -157,3 +157,18 @@ def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tm
     for stage in STAGES:
         assert is_complete(str(tmp_path / stage))
     assert read_metrics(str(tmp_path / "prune"))["train_steps"] == 400
+
+
+@pytest.mark.slow
+def test_pipeline_trains_every_stage_on_two_processes(tmp_path):
+    """`+common.strategy.name=ddp`: each training stage launches its own ranks; one-shot stages do not."""
+    command = [sys.executable, "recipes/pipeline.py", *SMALL, f"run_dir={tmp_path}", "+common.strategy.name=ddp", "+common.trainer.devices=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    # pretrain, finetune, prune (its recovery) and distill (baseline and student share one launch); not quantize.
+    assert output.count("launched 1 worker processes") == 4
+    for stage in STAGES:
+        assert is_complete(str(tmp_path / stage))
+    assert read_metrics(str(tmp_path / "prune"))["prunable_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert (tmp_path / "report.md").exists()
