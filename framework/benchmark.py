@@ -269,6 +269,68 @@ def train_table(steps: dict[str, tuple[int, int]] = TRAIN_STEPS, model: str = "l
     return write_table("train", rows, TRAIN_COLUMNS, caption, meta, out_dir)
 
 
+# --- data-parallel scaling: one process against DDP ranks at the same global batch --------------------------
+
+SCALING_STEPS = (5, 30)  # (warm-up, timed)
+SCALING_COLUMNS = {
+    "processes": "processes",
+    "batch_per_process": "batch per process",
+    "tokens_per_s": "tokens/s (global)",
+    "vs_one_process": "ratio to 1 process",
+    "loss": "train loss, last step",
+}
+
+
+def scaling_rows(processes: Sequence[int] = (1, 2), global_batch: int = 16, steps: tuple[int, int] = SCALING_STEPS, model: str = "llama_tiny", overrides: Sequence[str] = ()) -> list[dict]:
+    """The train recipe's path (framework.launch.run_stage) on 1 and on N DDP processes, global batch fixed."""
+    from framework.launch import run_stage
+    from framework.training import extra_callbacks
+
+    warmup, timed = steps
+    rows = []
+    for count in processes:
+        with tempfile.TemporaryDirectory(prefix="bench-") as run_dir:
+            cfg = compose_train_config([
+                f"model={model}",
+                "precision=32-true",
+                f"data.batch_size={global_batch // count}",
+                f"trainer.max_steps={warmup + timed}",
+                "trainer.enable_progress_bar=false",
+                f"trainer.val_check_interval={warmup + timed + 1}",
+                f"trainer.checkpoint_every_n_steps={warmup + timed + 1}",
+                "data.max_val_blocks=8",
+                *(["strategy=ddp", f"trainer.devices={count}"] if count > 1 else []),
+                f"run_dir={run_dir}",
+                *overrides,
+            ])
+            step_ends = StepEnds()  # on rank 0, which waits for every rank at each gradient all-reduce
+            with extra_callbacks([step_ends]):
+                metrics = run_stage("train", cfg)
+        tokens_per_step = global_batch * cfg.data.block_size
+        row = {"processes": count, "batch_per_process": global_batch // count, "tokens_per_s": window_tokens_per_s(step_ends.times, warmup, tokens_per_step), "loss": metrics["train_loss"]}
+        log.info("%d process(es): %.0f tokens/s", count, row["tokens_per_s"])
+        rows.append(row)
+    for row in rows:
+        row["vs_one_process"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def scaling_table(processes: Sequence[int] = (1, 2), global_batch: int = 16, steps: tuple[int, int] = SCALING_STEPS, model: str = "llama_tiny", overrides: Sequence[str] = (), out_dir: str = BENCH_DIR) -> str:
+    """Measure the scaling table and write it as <out_dir>/scaling.json and scaling.md; returns the Markdown."""
+    load_before = warn_if_busy()
+    rows = scaling_rows(processes, global_batch, steps, model, overrides)
+    caption = (
+        f"Data-parallel scaling: the train recipe on 1 process and on DDP processes (gloo on the CPU, each "
+        f"process given cores / processes threads), {model}, global batch {global_batch}, 32-true; tokens/s "
+        f"over {steps[1]} timed steps after {steps[0]} warm-up. Equal losses: every run trains on the same data "
+        f"in the same order. On a CPU the processes share the same cores, so this measures the cost of the "
+        f"gradient all-reduce rather than a speed-up; on GPUs each process has its own device. "
+        f"Machine: {describe_machine(machine_info())}."
+    )
+    meta = {"steps": {"warmup": steps[0], "timed": steps[1]}, "overrides": list(overrides), "load_avg_1m_before": load_before}
+    return write_table("scaling", rows, SCALING_COLUMNS, caption, meta, out_dir)
+
+
 # --- compression tables: the framework's stages on one dense artifact ----------------------------------------
 
 

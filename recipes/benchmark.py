@@ -13,7 +13,7 @@ import warnings
 
 from framework.cli import quiet_libraries
 
-TABLES = ("train", "pruning", "structure", "quantization", "distillation")
+TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation")
 
 
 def parse_tables(text: str) -> list[str]:
@@ -46,6 +46,8 @@ def main() -> None:
     for table in args.tables:
         if table == "train":
             print(benchmark.train_table(benchmark.QUICK_TRAIN_STEPS if args.quick else benchmark.TRAIN_STEPS))
+        elif table == "scaling":
+            print(benchmark.scaling_table(steps=(2, 5) if args.quick else benchmark.SCALING_STEPS))
         else:
             print(getattr(benchmark, f"{table}_table")(size))
 

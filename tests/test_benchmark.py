@@ -6,7 +6,7 @@ import pytest
 
 from framework.benchmark import (
     DISTILLATION_COLUMNS, PRUNE_RUNS, PRUNING_COLUMNS, QUANT_METHODS, QUANTIZATION_COLUMNS, TRAIN_COLUMNS,
-    BenchSize, distillation_table, pruning_table, quantization_table, train_table,
+    BenchSize, distillation_table, pruning_table, quantization_table, scaling_table, train_table,
 )
 
 # One warm-up and one timed step per precision on the nano model and short blocks; a given peak
@@ -32,6 +32,16 @@ def test_train_table_has_every_run_and_positive_finite_ratios(tmp_path):
     assert header == "| " + " | ".join(TRAIN_COLUMNS.values()) + " |"
     assert [line.split(" | ")[0] for line in body] == [f"| {row['run']}" for row in table["rows"]]
     assert "1 timed steps after 1 warm-up" in markdown  # the caption states the step counts
+
+
+@pytest.mark.slow
+def test_scaling_table_runs_one_and_two_processes_on_the_same_data(tmp_path):
+    scaling_table(processes=(1, 2), global_batch=8, steps=(1, 2), model="llama_nano", overrides=TOY_OVERRIDES, out_dir=str(tmp_path))
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert [(r["processes"], r["batch_per_process"]) for r in rows] == [(1, 8), (2, 4)]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["vs_one_process"] == 1.0
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)  # same global batch, same trajectory
 
 
 # --- the compression tables: the framework's stages on a toy model, 2 val blocks of 32 tokens -------------------
