@@ -134,6 +134,20 @@ def compose_train_config(overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
+def timed_run_overrides(model: str, precision: str, total_steps: int, run_dir: str) -> list[str]:
+    """A short train run to time: neither validation nor checkpoints inside it (a plain loop has none)."""
+    return [
+        f"model={model}",
+        f"precision={precision}",
+        f"trainer.max_steps={total_steps}",
+        "trainer.enable_progress_bar=false",
+        f"trainer.val_check_interval={total_steps + 1}",
+        f"trainer.checkpoint_every_n_steps={total_steps + 1}",
+        "data.max_val_blocks=8",
+        f"run_dir={run_dir}",
+    ]
+
+
 def window_tokens_per_s(step_ends: Sequence[float], warmup: int, tokens_per_step: int) -> float:
     """Tokens/s from the end of step `warmup` to the end of the last step (the warm-up steps are not timed)."""
     if not 1 <= warmup < len(step_ends):
@@ -224,18 +238,7 @@ def train_throughput(steps: dict[str, tuple[int, int]] = TRAIN_STEPS, model: str
     for precision, (warmup, timed) in steps.items():
         for loop, run in (("framework", run_framework), ("plain loop", run_plain_loop)):
             with tempfile.TemporaryDirectory(prefix="bench-") as run_dir:
-                cfg = compose_train_config([
-                    f"model={model}",
-                    f"precision={precision}",
-                    f"trainer.max_steps={warmup + timed}",
-                    "trainer.enable_progress_bar=false",
-                    # Neither validation nor checkpoints inside the timed window: the plain loop has none.
-                    f"trainer.val_check_interval={warmup + timed + 1}",
-                    f"trainer.checkpoint_every_n_steps={warmup + timed + 1}",
-                    "data.max_val_blocks=8",
-                    f"run_dir={run_dir}",
-                    *overrides,
-                ])
+                cfg = compose_train_config([*timed_run_overrides(model, precision, warmup + timed, run_dir), *overrides])
                 result = run(cfg, warmup)
             log.info("%s / %s: %.0f tokens/s", loop, precision, result["tokens_per_s"])
             rows.append({"run": f"{loop} / {precision}", "loop": loop, "precision": precision, "warmup_steps": warmup, **result})
@@ -290,18 +293,9 @@ def scaling_rows(processes: Sequence[int] = (1, 2), global_batch: int = 16, step
     rows = []
     for count in processes:
         with tempfile.TemporaryDirectory(prefix="bench-") as run_dir:
+            distributed = ["strategy=ddp", f"trainer.devices={count}"] if count > 1 else []
             cfg = compose_train_config([
-                f"model={model}",
-                "precision=32-true",
-                f"data.batch_size={global_batch // count}",
-                f"trainer.max_steps={warmup + timed}",
-                "trainer.enable_progress_bar=false",
-                f"trainer.val_check_interval={warmup + timed + 1}",
-                f"trainer.checkpoint_every_n_steps={warmup + timed + 1}",
-                "data.max_val_blocks=8",
-                *(["strategy=ddp", f"trainer.devices={count}"] if count > 1 else []),
-                f"run_dir={run_dir}",
-                *overrides,
+                *timed_run_overrides(model, "32-true", warmup + timed, run_dir), f"data.batch_size={global_batch // count}", *distributed, *overrides,
             ])
             step_ends = StepEnds()  # on rank 0, which waits for every rank at each gradient all-reduce
             with extra_callbacks([step_ends]):

@@ -10,7 +10,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from framework.callbacks import NonFiniteLossError, PreemptedError
-from framework.config import ConfigError
+from framework.config import ConfigError, in_multirun
 
 # Slurm signals a job shortly before its time limit; submitit requeues it on this signal: SIGUSR1 (Lightning's
 # default, which framework.callbacks.RequeueOnSignal handles) instead of submitit's USR2. Set at import, before
@@ -77,13 +77,6 @@ def run_stage_recipe(kind: str, cfg: DictConfig) -> object:
     from framework.launch import run_stage
 
     return run_recipe(lambda c: run_stage(kind, c), cfg, kind)
-
-
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _fail(message: str, code: int, error: Exception) -> None:

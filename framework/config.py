@@ -485,15 +485,22 @@ def _run_name(override_dirname: str) -> str:
     return name if len(name) <= 120 else name[:100] + "-" + _short_hash(name)
 
 
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (-m, or a launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _job_dir(single_run_dir: str) -> str:
     """A job's run directory: the given one for a single run, Hydra's job directory in a multirun.
 
     In a multirun each job must land in its own directory, which Hydra names from the job's overrides.
     """
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().runtime.output_dir:
+    if in_multirun() and HydraConfig.get().runtime.output_dir:
         return HydraConfig.get().runtime.output_dir
     return single_run_dir
 
