@@ -255,9 +255,22 @@ class DistillStageConfig(TrainConfig):
 
 
 @dataclass
+class HardwareConfig:
+    """The part of `trainer` a pipeline sets for all its stages: where they run."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+
+
+@dataclass
 class PipelineConfig:
     pipeline: Any = None  # {name, stages: {stage name: {kind, input, teacher, groups, <config values>}}}
     common: Any = field(default_factory=dict)
+    # Every stage runs with these unless its own groups choose otherwise.
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1234

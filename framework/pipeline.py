@@ -42,9 +42,11 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
     kind = spec.get("kind")
     if kind not in STAGES:
         raise ConfigError(f"pipeline.stages.{name}.kind", f"'{kind}' is not one of {', '.join(STAGES)}")
-    groups = [f"{group}={choice}" for group, choice in (spec.get("groups") or {}).items()]
+    choices = spec.get("groups") or {}
     with _hydra_context():
-        cfg = compose(config_name=kind, overrides=[*groups, f"run_dir={stage_dir}"])
+        cfg = compose(config_name=kind, overrides=[*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
+    # Where every stage runs (precision, strategy, devices), unless the stage chose its own group.
+    hardware = OmegaConf.to_container(OmegaConf.masked_copy(pipeline_cfg, ["trainer", *(g for g in ("precision", "strategy") if g not in choices)]))
     values = OmegaConf.masked_copy(spec, [k for k in spec if k not in SPEC_KEYS])
     logger = OmegaConf.merge(
         pipeline_cfg.logger,
@@ -52,7 +54,7 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
     )
     shared = {"seed": pipeline_cfg.seed, "paths": pipeline_cfg.paths, "logger": logger}
     try:  # the composed config is typed: a misspelt key fails here, naming the stage
-        return OmegaConf.merge(cfg, pipeline_cfg.common, values, shared)
+        return OmegaConf.merge(cfg, hardware, pipeline_cfg.common, values, shared)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
         raise ConfigError(f"pipeline.stages.{name}.{key}".rstrip("."), str(err).splitlines()[0]) from None

@@ -161,8 +161,8 @@ def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tm
 
 @pytest.mark.slow
 def test_pipeline_trains_every_stage_on_two_processes(tmp_path):
-    """`+common.strategy.name=ddp`: each training stage launches its own ranks; one-shot stages do not."""
-    command = [sys.executable, "recipes/pipeline.py", *SMALL, f"run_dir={tmp_path}", "+common.strategy.name=ddp", "+common.trainer.devices=2"]
+    """`strategy=ddp trainer.devices=2`: each training stage launches its own ranks; one-shot stages do not."""
+    command = [sys.executable, "recipes/pipeline.py", *SMALL, f"run_dir={tmp_path}", "strategy=ddp", "trainer.devices=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
