@@ -143,12 +143,13 @@ def test_multirun_of_ddp_jobs_with_a_failing_job_completes_the_others(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_end(tmp_path):
-    args = [*SMALL, "data.batch_size=8", "trainer.max_steps=300", "trainer.val_check_interval=300", "trainer.checkpoint_every_n_steps=1000"]
-    reference = recipe(*args[len(SMALL):], output_dir=tmp_path / "reference")
+def test_sigusr1_during_ddp_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_end(tmp_path):
+    """The signal reaches rank 0 only; both ranks agree to stop at the same step, save, and exit."""
+    args = ["strategy=ddp", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=150", "trainer.val_check_interval=150", "trainer.checkpoint_every_n_steps=1000"]
+    reference = recipe(*args, output_dir=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    command = [sys.executable, "recipes/train.py", *args, f"paths.output_dir={tmp_path / 'run'}"]
+    command = [sys.executable, "recipes/train.py", *SMALL, *args, f"paths.output_dir={tmp_path / 'run'}"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -162,24 +163,25 @@ def test_sigusr1_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_end(tmp_pa
     run_dir = only_run_dir(tmp_path / "run")
     assert not is_complete(str(run_dir)) and (run_dir / "checkpoints" / "last.ckpt").exists()
     stopped_at = int(stderr.split("at step ")[-1].split(";")[0])
-    assert 0 < stopped_at < 300
+    assert 0 < stopped_at < 150
 
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout + result.stderr
     resumed, uninterrupted = read_metrics(str(run_dir)), read_metrics(str(only_run_dir(tmp_path / "reference")))
-    assert resumed["train_steps"] == 300
+    assert resumed["train_steps"] == 150
     assert resumed["val_loss"] == pytest.approx(uninterrupted["val_loss"], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_job_end_to_end(tmp_path):
-    result = recipe("launcher=local", "data.batch_size=8", "trainer.max_steps=4", output_dir=tmp_path)
+def test_submitit_local_launcher_runs_a_ddp_job_end_to_end(tmp_path):
+    result = recipe("launcher=local", "strategy=ddp", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=4", output_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "train" / "multirun"
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(jobs) == 1 and is_complete(str(jobs[0]))
     assert read_metrics(str(jobs[0]))["train_steps"] == 4
+    assert "launched 1 worker processes" in (jobs[0] / "train.log").read_text()  # DDP inside the submitit job
     # The job ran as a submitit job (pickled, in its own process), which left its logs and result.
     submitit_logs = list((sweep_dir / ".submitit").glob("*/*_log.out"))
     assert submitit_logs and list((sweep_dir / ".submitit").glob("*/*_result.pkl"))
