@@ -3,6 +3,7 @@ recorded, a second worker joining, and the summary (table, best config, plots)."
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 
@@ -64,15 +65,20 @@ def test_search_prunes_lagging_trials_records_failures_and_a_second_worker_joins
     for plot in ("optimization_history.png", "param_importances.png"):
         assert (sweep_dir / plot).stat().st_size > 10_000
 
+    # A worker killed in the middle of a trial leaves it running: the next worker of this machine fails it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = study.ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(dead.stdout)}")
+
     # A second worker (another process; could be another machine on an RDB) adds to the same study.
-    second = search(tmp_path, 10)
+    second = search(tmp_path, 11)
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name="train_tiny_lr", storage=storage)
-    assert len(study.trials) == 10
-    workers = {t.user_attrs["worker"] for t in study.trials}
-    assert len(workers) == 2
+    assert len(study.trials) == 11
+    assert study.trials[8].state.name == "FAIL" and study.trials[8].user_attrs["error"] == "its worker process died"
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 3  # the first worker, the dead one, the second
     # It samples afresh instead of replaying the first worker's seeded sequence.
-    assert study.trials[8].params != study.trials[0].params
+    assert study.trials[9].params != study.trials[0].params
 
 
 def test_search_space_reads_hydra_sweep_syntax():
