@@ -32,16 +32,13 @@ log = logging.getLogger(__name__)
 MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp", "deepspeed", "model_parallel")
 
 
-def global_rank() -> int:
-    """This process's rank as the launcher (ours, torchrun or Slurm) set it; 0 when not distributed."""
+def is_rank_zero() -> bool:
+    """Whether this process is (or will be) global rank 0, from what the launcher set: ours, torchrun,
+    Slurm, or NODE_RANK for a command run by hand on each node. True when not distributed."""
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
-def is_rank_zero() -> bool:
-    return global_rank() == 0
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def launched_externally() -> bool:

@@ -103,6 +103,27 @@ def test_two_nodes_on_localhost_through_torchrun(single_process_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_nodes_started_by_hand_each_launch_their_own_ranks(single_process_run, tmp_path):
+    """No torchrun: the same command on each "node" with MASTER_ADDR/PORT and NODE_RANK; 2 x 2 processes."""
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    args = [*SMALL, "strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=2", f"paths.output_dir={tmp_path}"]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "recipes/train.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **rendezvous, "NODE_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "launched 1 worker processes (node rank 1" in outputs[1]
+    assert "GLOBAL_RANK: 3, MEMBER: 4/4" in outputs[1]
+    run_dir = only_run_dir(tmp_path)
+    assert [p.name for p in run_dir.glob("*.log")] == ["train.log"]
+    assert_same_trajectory(run_dir, single_process_run)
+
+
+@pytest.mark.slow
 def test_two_tasks_started_by_srun_are_not_relaunched(single_process_run, tmp_path):
     """The environment srun gives each task (SLURM_*), simulated: Lightning takes the ranks from it."""
     port, job_id = free_port(), "4242"
