@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import glob
 import logging
 import os
@@ -93,7 +94,8 @@ def build_strategy(strategy_cfg: DictConfig, world_size: int):
     if name == "model_parallel":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
+        # One checkpoint file gathered on rank 0 (not a folder of shards): it is written atomically and resumed like the others.
+        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return "auto"
 
 
@@ -145,6 +147,16 @@ def apply_lora(model, finetune_cfg: DictConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def gather_shards(sharded, plain):
+    """The weights of an FSDP2-sharded model, gathered into `plain` (every rank takes part; rank 0 receives them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:  # empty on ranks other than 0
+        plain.load_state_dict(state)
+    return plain
 
 
 def merged_model(model):
@@ -224,6 +236,8 @@ def train(
     if cfg.finetune.method == "lora":
         model = apply_lora(model, cfg.finetune)
     module = (hooks.module_factory or default_module)(model, cfg)
+    # model_parallel shards the weights in place during fit; a plain copy receives them back afterwards.
+    unsharded = copy.deepcopy(module.model) if cfg.strategy.name == "model_parallel" else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
@@ -238,6 +252,8 @@ def train(
     try:
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if unsharded is not None:
+            module.model = gather_shards(module.model, unsharded)
         if not (trainer.is_global_zero and is_rank_zero()):  # the trainer knows its rank only once it has trained
             return {}  # rank 0 alone evaluates and writes the artifact
         final = merged_model(module.model).float()

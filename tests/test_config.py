@@ -15,7 +15,7 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("data", "text_files"): ["data.paths=[{text_file}]"],
     ("data", "hf_dataset"): ["data.hf_name=wikitext"],
 }
-GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3", "model_parallel"))}
+GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3"))}
 
 
 def config_options():

@@ -81,6 +81,16 @@ def test_ddp_on_two_processes_writes_one_run_and_follows_the_single_process_traj
 
 
 @pytest.mark.slow
+def test_model_parallel_shards_the_weights_and_follows_the_single_process_trajectory(single_process_run, tmp_path):
+    """FSDP2 (fully_shard per decoder layer) over 2 CPU processes: same steps as DDP, weights gathered for the artifact."""
+    result = recipe("strategy=model_parallel", "trainer.devices=2", "data.batch_size=4", output_dir=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert is_complete(str(run_dir)) and (run_dir / "checkpoints" / "last.ckpt").is_file()  # one file, not a folder of shards
+    assert_same_trajectory(run_dir, single_process_run)
+
+
+@pytest.mark.slow
 def test_two_nodes_on_localhost_through_torchrun(single_process_run, tmp_path):
     port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
