@@ -51,9 +51,10 @@ def _flatten(params: Any, prefix: str = "") -> dict[str, str]:
 def search_space(params: Any) -> tuple[dict, list[str]]:
     """Optuna distributions from Hydra's sweep syntax, plus the values that are fixed overrides.
 
-    choice(a, b)                     categorical
-    interval(lo, hi), tag(log, ...)  float (int when both ends are ints), log-uniform with the log tag
-    range(start, stop, step)         int or float steps, stop excluded as in Python
+    choice(a, b)                          categorical (values or config-group options)
+    interval(lo, hi)                      float; tag(log, interval(..)) log-uniform, tag(int, interval(..)) integer
+    range(start, stop, step)              int or float steps, stop excluded as in Python
+    anything else                         a fixed override for every trial
     """
     import optuna.distributions as d
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -62,18 +63,22 @@ def search_space(params: Any) -> tuple[dict, list[str]]:
     parser = OverridesParser.create()
     distributions, fixed = {}, []
     for key, text in _flatten(params).items():
-        override = parser.parse_override(f"{key}={text}")
-        value = override.value()
+        try:
+            value = parser.parse_override(f"{key}={text}").value()
+        except Exception as err:  # Hydra's grammar error, reduced to its first line
+            raise ConfigError(f"hparams_search.params.{key}", f"'{text}': {str(err).splitlines()[0]}") from None
         if isinstance(value, ChoiceSweep):
             distributions[key] = d.CategoricalDistribution([_plain(v) for v in value.list])
         elif isinstance(value, IntervalSweep):
             log_scale = "log" in value.tags
-            if isinstance(value.start, int) and isinstance(value.end, int) or "int" in value.tags:
+            if "int" in value.tags:
                 distributions[key] = d.IntDistribution(int(value.start), int(value.end), log=log_scale)
             else:
                 distributions[key] = d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
         elif isinstance(value, RangeSweep):
             steps = list(_range(value.start, value.stop, value.step))
+            if not steps:
+                raise ConfigError(f"hparams_search.params.{key}", f"'{text}' is an empty range")
             if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
                 distributions[key] = d.IntDistribution(steps[0], steps[-1], step=value.step)
             else:

@@ -88,12 +88,18 @@ def test_search_space_reads_hydra_sweep_syntax():
         "scheduler.warmup_steps": "range(0, 20, 5)",
         "model": "choice(llama_nano, gpt2_tiny)",
         "trainer.max_steps": "50",
+        "data.batch_size": "tag(int, interval(4, 16))",
     })
     assert distributions["optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
     assert distributions["optimizer.weight_decay"] == optuna.distributions.CategoricalDistribution([0.0, 0.1])
     assert distributions["scheduler.warmup_steps"] == optuna.distributions.IntDistribution(0, 15, step=5)
     assert distributions["model"].choices == ("llama_nano", "gpt2_tiny")
+    assert distributions["data.batch_size"] == optuna.distributions.IntDistribution(4, 16)
     assert fixed == ["trainer.max_steps=50"]
+    with pytest.raises(ConfigError, match="hparams_search.params.optimizer.lr"):
+        search_space({"optimizer.lr": "interval(1e-4"})
+    with pytest.raises(ConfigError, match="empty range"):
+        search_space({"scheduler.warmup_steps": "range(10, 0, 5)"})
 
 
 def test_objective_and_constraints_read_stage_metrics(tmp_path):
