@@ -1,5 +1,7 @@
-"""Multi-process training from the command line: DDP on 2 CPU processes (gloo), 2 "nodes" on localhost
-through torchrun, Hydra multiruns of DDP jobs, a save-and-requeue on SIGUSR1, and the submitit launcher."""
+"""Multi-process training from the command line, on the CPU (gloo): DDP on 2 processes, model_parallel (FSDP2),
+2 "nodes" on localhost (torchrun, and by hand), srun's environment, Hydra multiruns of DDP jobs, a
+save-and-requeue on SIGUSR1, and the submitit launcher. Every multi-process run must follow the loss
+trajectory of one process at the same global batch."""
 
 import csv
 import json
