@@ -1,6 +1,6 @@
 """Multi-process training from the command line, on the CPU (gloo): DDP on 2 processes, model_parallel (FSDP2),
 2 "nodes" on localhost (torchrun, and by hand), srun's environment, Hydra multiruns of DDP jobs, a
-save-and-requeue on SIGUSR1, and the submitit launcher. Every multi-process run must follow the loss
+save-and-requeue on SIGUSR1, and the submitit launcher. Each way of starting the ranks must follow the loss
 trajectory of one process at the same global batch."""
 
 import csv
