@@ -169,13 +169,12 @@ def _destroy_process_group() -> None:
 
 def worker_main(spec_path: str) -> None:
     """A worker rank: run the stage the main process described, and exit."""
+    from framework.callbacks import PreemptedError
     from framework.cli import quiet_libraries
     from framework.stages import STAGES
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING)
-    from framework.callbacks import PreemptedError
-
     spec = OmegaConf.load(spec_path)
     try:
         STAGES[spec.kind](spec.config, spec.stage_dir, list(spec.input_fingerprints))

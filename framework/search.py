@@ -268,7 +268,7 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
         overrides = [*fixed, *(f"{k}={_override_value(v)}" for k, v in trial.params.items())]
         trial.set_user_attr("overrides", overrides)
         trial_dir = os.path.join(search.sweep_dir, f"trial_{trial.number:03d}")
-        started = time.perf_counter()
+        started, state, value = time.perf_counter(), TrialState.FAIL, None
         try:
             trial_cfg = compose_trial(config_name, [*base_overrides, *overrides], trial_dir)
             artifacts.atomic_write_text(os.path.join(trial_dir, "trial_config.yaml"), OmegaConf.to_yaml(trial_cfg))
@@ -276,12 +276,10 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
                 work(trial_cfg)
             value = read_metric(trial_dir, search.objective)
             trial.set_user_attr("constraints", [_violation(read_metric(trial_dir, key), op, bound) for key, op, bound in constraints])
-            trial.set_user_attr("seconds", time.perf_counter() - started)
-            study.tell(trial, value)
+            state = TrialState.COMPLETE
             log.info("trial %d: %s = %.4f (%s)", trial.number, search.objective, value, " ".join(overrides))
         except optuna.TrialPruned as pruned:
-            trial.set_user_attr("seconds", time.perf_counter() - started)
-            study.tell(trial, state=TrialState.PRUNED)
+            state = TrialState.PRUNED
             log.info("trial %d pruned: %s", trial.number, pruned)
         except KeyboardInterrupt:
             trial.set_user_attr("error", "interrupted")
@@ -289,9 +287,9 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
             raise
         except Exception as err:  # a failed trial is recorded and the study goes on
             trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            trial.set_user_attr("seconds", time.perf_counter() - started)
-            study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, err)
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        study.tell(trial, value, state=state)
     return write_summary(study, search)
 
 
