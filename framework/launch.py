@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -119,13 +120,24 @@ def launched_workers(kind: str, cfg: DictConfig, stage_dir: str | None, input_fi
                 raise RuntimeError(f"a worker process exited with code {worker.returncode}")
     finally:
         watchdog.stop()
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-                worker.wait()
+        _stop_workers(workers)
         _restore_environment(saved)
         _destroy_process_group()
         os.unlink(spec_path)
+
+
+def _stop_workers(workers: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Give the workers time to leave on their own (after a preemption they stop at the same step as
+    this rank), then kill them. Workers write nothing, so killing loses nothing. Not SIGTERM: Lightning's
+    SIGTERM handler broadcasts from rank 0, which has left the collectives, and the worker would hang."""
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d still running after %.0f s: killing it", worker.pid, grace_s)
+            worker.kill()
+            worker.wait()
 
 
 class _Watchdog:

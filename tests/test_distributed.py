@@ -206,6 +206,19 @@ def test_sigusr1_during_ddp_saves_a_checkpoint_and_the_rerun_resumes_to_the_same
     assert resumed["val_loss"] == pytest.approx(uninterrupted["val_loss"], rel=1e-5)
 
 
+def test_a_worker_that_outlives_rank_zero_is_killed_after_the_grace_period():
+    """Rank 0 leaving first must not wait forever: a worker stuck in a collective ignores SIGTERM
+    (Lightning's handler broadcasts from the departed rank 0), so it is killed, not terminated."""
+    from framework.launch import _stop_workers
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = time.monotonic()
+    _stop_workers([finished, stuck], grace_s=2)
+    assert time.monotonic() - started < 30
+    assert finished.returncode == 0 and stuck.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_ddp_job_end_to_end(tmp_path):
     result = recipe("launcher=local", "strategy=ddp", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=4", output_dir=tmp_path)
