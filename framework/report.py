@@ -100,15 +100,16 @@ def write(run_dir: str, rows: list[dict]) -> None:
 
 
 def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
+    """Train loss per step. A resumed stage logs again the steps after its last checkpoint: the rerun wins."""
     path = os.path.join(stage_dir, "logs", "metrics.csv")
-    steps, losses = [], []
+    loss_at: dict[int, float] = {}
     if os.path.isfile(path):
         with open(path) as f:
             for record in csv.DictReader(f):
                 if record.get("train/loss"):
-                    steps.append(int(record["step"]))
-                    losses.append(float(record["train/loss"]))
-    return steps, losses
+                    loss_at[int(record["step"])] = float(record["train/loss"])
+    steps = sorted(loss_at)
+    return steps, [loss_at[step] for step in steps]
 
 
 def plot(run_dir: str, rows: list[dict]) -> None:

@@ -17,7 +17,8 @@ def wandb_mode(logger_cfg: DictConfig) -> str:
 
 def build_loggers(logger_cfg: DictConfig, stage_dir: str, run_id: str, job_type: str, config: dict[str, Any]) -> list[Logger]:
     """Loggers for one stage. `run_id` is stable for the stage, so a resumed stage continues its wandb run."""
-    loggers: list[Logger] = [CSVLogger(save_dir=stage_dir, name="logs", version="")]
+    # Flushed every 10 steps, not Lightning's 100, so `tail -f logs/metrics.csv` follows a run.
+    loggers: list[Logger] = [CSVLogger(save_dir=stage_dir, name="logs", version="", flush_logs_every_n_steps=10)]
     if logger_cfg.name == "tensorboard":
         loggers.append(TensorBoardLogger(save_dir=stage_dir, name="tensorboard", version=""))
     if logger_cfg.name == "wandb":

@@ -159,6 +159,16 @@ def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tm
     assert read_metrics(str(tmp_path / "prune"))["train_steps"] == 400
 
 
+def test_loss_curve_of_a_resumed_stage_keeps_the_rerun_of_each_replayed_step(tmp_path):
+    """A stage killed after step 3 and resumed from its step-2 checkpoint logs step 3 twice."""
+    from framework.report import loss_curve
+
+    (tmp_path / "logs").mkdir()
+    rows = [(1, 5.0), (2, 4.0), (3, 3.9), (3, 3.5), (4, 3.0)]
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss,val_loss\n" + "".join(f"{s},{l},\n" for s, l in rows) + "4,,3.2\n")
+    assert loss_curve(str(tmp_path)) == ([1, 2, 3, 4], [5.0, 4.0, 3.5, 3.0])
+
+
 @pytest.mark.slow
 def test_pipeline_trains_every_stage_on_two_processes(tmp_path):
     """`strategy=ddp trainer.devices=2`: each training stage launches its own ranks; one-shot stages do not."""
