@@ -29,14 +29,17 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PYTHON) recipes/pipeline.py experiment=tiny_pipeline
 
+# The layers first (import-linter contracts in pyproject.toml): seconds, and a broken layer fails the run.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q -ra --durations=15
 
 test-fast: setup
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PYTHON) recipes/benchmark.py
+	$(PYTHON) -m bench
 
 clean:
 	rm -rf outputs/* $(VENV)

@@ -18,12 +18,21 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 import framework
+from framework.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 FINGERPRINT = "fingerprint"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 MODEL = "model"
+
+# What a model/ directory holds, told by the file that only that format writes (checked in this order).
+FORMAT_MARKERS = (
+    ("quantized", "quantization.json"),
+    ("lowrank", "lowrank.json"),
+    ("shared", "sharing.json"),
+    ("dense", "config.json"),
+)
 
 
 @contextlib.contextmanager
@@ -85,6 +94,26 @@ def read_fingerprint(stage_dir: str) -> str | None:
         return None
     with open(path) as f:
         return f.read().strip()
+
+
+def model_format(model_dir: str) -> str | None:
+    """The format of a model directory (dense, shared, lowrank, quantized), or None when it holds no model."""
+    for name, marker in FORMAT_MARKERS:
+        if os.path.isfile(os.path.join(model_dir, marker)):
+            return name
+    return None
+
+
+def check_artifact(stage_dir: str, key: str) -> str:
+    """Refuse, in one line naming `key`, a path that is not a whole artifact; return its model format."""
+    if not os.path.isdir(stage_dir):
+        raise ConfigError(key, f"'{stage_dir}' does not exist")
+    if not is_complete(stage_dir):
+        raise ConfigError(key, f"'{stage_dir}' is not a complete artifact (no {COMPLETE} file: not a stage's output, or cut before it finished)")
+    found = model_format(os.path.join(stage_dir, MODEL))
+    if found is None:
+        raise ConfigError(key, f"'{stage_dir}' holds no model (nothing readable in {MODEL}/)")
+    return found
 
 
 def read_metrics(stage_dir: str) -> dict:

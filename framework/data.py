@@ -16,9 +16,32 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from framework.artifacts import atomic_directory
-from framework.config import ConfigError, _short_hash
+from framework.config import in_range, one_of, positive, short_hash
+from framework.errors import ConfigError
+
+DATA_SOURCES = ("stdlib_docs", "stdlib_modules", "text_files", "hf_dataset")
 
 log = logging.getLogger(__name__)
+
+
+def check_data_config(data: DictConfig) -> None:
+    """The data section before anything is read: sizes, fractions, and that named files exist."""
+    one_of("data.source", data.source, DATA_SOURCES)
+    positive("data.block_size", data.block_size)
+    positive("data.batch_size", data.batch_size)
+    in_range("data.val_fraction", data.val_fraction, 0, 1, low_open=True, high_open=True)
+    positive("data.num_workers", data.num_workers, allow_zero=True)
+    for key in ("max_chars", "max_val_blocks"):
+        if data[key] is not None:
+            positive(f"data.{key}", data[key])
+    if data.source == "text_files":
+        if not data.paths:
+            raise ConfigError("data.paths", "text_files needs at least one file")
+        for path in data.paths:
+            if not os.path.exists(path):
+                raise ConfigError("data.paths", f"'{path}' does not exist")
+    if data.source == "hf_dataset" and not data.hf_name:
+        raise ConfigError("data.hf_name", "hf_dataset needs a dataset name or local path")
 
 
 # --- corpora: each returns a sorted list of (document id, text) ---------------------------------------------
@@ -155,12 +178,12 @@ def tokenize_and_pack(texts: list[str], tokenizer, block_size: int) -> torch.Ten
 
 
 def tokenizer_id(tokenizer) -> str:
-    return _short_hash(json.dumps(sorted(tokenizer.get_vocab().items())))
+    return short_hash(json.dumps(sorted(tokenizer.get_vocab().items())))
 
 
 def packed_splits(data_cfg: DictConfig, tokenizer, cache_dir: str, documents=None) -> dict[str, torch.Tensor]:
     """{"train": blocks, "val": blocks}, tokenized once per (corpus, tokenizer, block size, split) and cached."""
-    key = _short_hash(
+    key = short_hash(
         json.dumps([corpus_id(data_cfg), tokenizer_id(tokenizer), data_cfg.block_size, data_cfg.val_fraction, data_cfg.seed])
     )
     target = os.path.join(cache_dir, "data", f"{data_cfg.name}-{key}")

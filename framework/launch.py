@@ -26,41 +26,12 @@ from typing import Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError
+from framework.distributed import launched_externally, local_world_size
+from framework.environment import quiet_libraries
+from framework.errors import ConfigError, PreemptedError
+from framework.stages import STAGES
 
 log = logging.getLogger(__name__)
-
-MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp", "deepspeed", "model_parallel")
-
-
-def is_rank_zero() -> bool:
-    """Whether this process is (or will be) global rank 0, from what the launcher set: ours, torchrun,
-    Slurm, or NODE_RANK for a command run by hand on each node. True when not distributed."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-
-
-def launched_externally() -> bool:
-    """True when torchrun, srun or the user started one process per rank already."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    return "LOCAL_RANK" in os.environ or TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
-
-
-def local_world_size(cfg: DictConfig) -> int:
-    """Processes this node runs for the stage: trainer.devices under a multi-process strategy, else 1."""
-    if cfg.strategy.name not in MULTI_PROCESS_STRATEGIES:
-        return 1
-    devices = cfg.trainer.devices
-    if devices in (-1, "-1", "auto"):
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    if isinstance(devices, int) or str(devices).isdigit():
-        return int(devices)
-    raise ConfigError("trainer.devices", f"'{devices}' is not a device count; strategy={cfg.strategy.name} needs an integer")
 
 
 def needs_launch(cfg: DictConfig) -> bool:
@@ -69,13 +40,12 @@ def needs_launch(cfg: DictConfig) -> bool:
 
 
 def run_stage(kind: str, cfg: DictConfig, stage_dir: str | None = None, input_fingerprints: Sequence[str] = ()) -> dict:
-    """Run one stage (see framework.stages.STAGES), launching the other ranks first when the config asks for them."""
-    from framework.stages import STAGES
-
+    """Run one stage on its validated config (framework.stages.STAGES[kind].validate), launching the other
+    ranks first when the config asks for them."""
     if not needs_launch(cfg):
-        return STAGES[kind](cfg, stage_dir, input_fingerprints)
+        return STAGES[kind].run(cfg, stage_dir, input_fingerprints)
     with launched_workers(kind, cfg, stage_dir, input_fingerprints):
-        return STAGES[kind](cfg, stage_dir, input_fingerprints)
+        return STAGES[kind].run(cfg, stage_dir, input_fingerprints)
 
 
 def _rendezvous(cfg: DictConfig) -> tuple[str, str, int]:
@@ -180,16 +150,12 @@ def _destroy_process_group() -> None:
 
 
 def worker_main(spec_path: str) -> None:
-    """A worker rank: run the stage the main process described, and exit."""
-    from framework.callbacks import PreemptedError
-    from framework.cli import quiet_libraries
-    from framework.stages import STAGES
-
+    """A worker rank: run the stage the main process described (its config validated there), and exit."""
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING)
     spec = OmegaConf.load(spec_path)
     try:
-        STAGES[spec.kind](spec.config, spec.stage_dir, list(spec.input_fingerprints))
+        STAGES[spec.kind].run(spec.config, spec.stage_dir, list(spec.input_fingerprints))
     except PreemptedError:
         pass  # the checkpoint is saved; rank 0 requeues or reports
     _destroy_process_group()

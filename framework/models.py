@@ -1,9 +1,12 @@
-"""Build a causal LM and its tokenizer: from a config (random init) or pretrained (HF dir, GGUF file, hub id)."""
+"""Build a causal LM and its tokenizer: from a config (random init), pretrained (HF dir, GGUF file, hub id)
+or from an earlier stage's artifact; read and write every model directory format the stages produce."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -17,12 +20,87 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from framework import artifacts
 from framework.artifacts import atomic_directory
-from framework.config import ConfigError, _short_hash
+from framework.config import one_of, positive, short_hash
+from framework.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+ARCHS = ("llama", "gpt2", "pretrained", "artifact")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+LOWRANK_SPEC = "lowrank.json"
+SHARING_SPEC = "sharing.json"
+
+
+# --- checks of the model section ----------------------------------------------------------------------------
+
+
+def check_model_config(model: DictConfig) -> None:
+    """The model section before anything loads: the architecture's sizes, or the files of a pretrained model."""
+    one_of("model.arch", model.arch, ARCHS)
+    positive("model.share_layers", model.share_layers)
+    if model.arch == "artifact":
+        return  # checked as the stage's input (framework.stages.base)
+    if model.arch == "pretrained":
+        if not model.path:
+            raise ConfigError("model.path", "a pretrained model needs a local directory or a hub id")
+        _check_pretrained_path(model)
+        return
+    for key in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        if model[key] is None:
+            raise ConfigError(f"model.{key}", f"a from-scratch {model.arch} model needs it")
+        positive(f"model.{key}", model[key])
+    if model.hidden_size % model.num_heads:
+        raise ConfigError("model.hidden_size", f"{model.hidden_size} is not divisible by model.num_heads={model.num_heads}")
+    if model.num_kv_heads and model.num_heads % model.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{model.num_kv_heads} must divide model.num_heads={model.num_heads}")
+    if model.tokenizer == "bpe":
+        if model.vocab_size is None:
+            raise ConfigError("model.vocab_size", "a BPE tokenizer trained on the corpus needs a vocabulary size")
+        positive("model.vocab_size", model.vocab_size)
+    if model.share_layers > model.num_layers:
+        raise ConfigError("model.share_layers", f"{model.share_layers} is more than the model's {model.num_layers} layers")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
+
+
+def _check_pretrained_path(model: DictConfig) -> None:
+    path = model.path
+    if _looks_like_hub_id(path):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError("model.path", f"'{path}' is neither a local directory nor reachable: HF_HUB_OFFLINE=1")
+        return
+    if not os.path.isdir(path):
+        raise ConfigError("model.path", f"'{path}' does not exist")
+    if model.gguf_file:
+        if not os.path.isfile(os.path.join(path, model.gguf_file)):
+            raise ConfigError("model.gguf_file", f"'{model.gguf_file}' is not in {path}")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError("model.path", f"'{path}' holds no model (no config.json; for a GGUF file set model.gguf_file)")
+
+
+def model_max_positions(model: DictConfig) -> int | None:
+    """The number of positions the model supports, read from its config when it is pretrained."""
+    if model.arch in ("llama", "gpt2"):
+        return model.max_position_embeddings
+    directory = model_directory(model) if model.path else None
+    config_file = os.path.join(directory, "config.json") if directory else ""
+    if not os.path.isfile(config_file):
+        return None  # GGUF, hub id or a planned artifact: checked once the model is loaded
+    with open(config_file) as f:
+        config = json.load(f)
+    return config.get("max_position_embeddings") or config.get("n_positions")
+
+
+def model_directory(model: DictConfig) -> str:
+    """Where a pretrained or artifact model's files are."""
+    return os.path.join(model.path, artifacts.MODEL) if model.arch == "artifact" else model.path
+
+
+# --- loading ------------------------------------------------------------------------------------------------
 
 
 def resolve_pretrained(model_cfg: DictConfig, cache_dir: str) -> str:
@@ -45,37 +123,34 @@ def resolve_pretrained(model_cfg: DictConfig, cache_dir: str) -> str:
     return target
 
 
-LOWRANK_SPEC = "lowrank.json"
-QUANTIZATION_SPEC = "quantization.json"
-
-
 def load_model_dir(path: str) -> PreTrainedModel:
-    """Any model directory the framework writes: HF, quantized (torchao) or low-rank factorized."""
-    if os.path.isfile(os.path.join(path, QUANTIZATION_SPEC)):
+    """Any model directory the framework writes: dense HF, layer-shared, low-rank factorized or quantized."""
+    found = artifacts.model_format(path)
+    if found == "quantized":
         from framework.compression.quantization import load_quantized
 
         return load_quantized(path)
-    if os.path.isfile(os.path.join(path, LOWRANK_SPEC)):
+    if found == "lowrank":
         return load_lowrank(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if found == "shared":
+        from framework.compression.sharing import share_layers
+
+        with open(os.path.join(path, SHARING_SPEC)) as f:
+            # The saved weights of a group are equal already; tying makes them one set of Parameters again.
+            share_layers(model, json.load(f)["groups"], init="first")
+    return model
 
 
-def save_lowrank(model, tokenizer, directory: str) -> None:
-    """Low-rank layers are not an HF architecture: config + factorization spec + safetensors."""
-    import json
-
-    from safetensors.torch import save_model
-
-    model.config.save_pretrained(directory)
-    with open(os.path.join(directory, LOWRANK_SPEC), "w") as f:
-        json.dump(model.lowrank_spec, f, indent=2)
-    save_model(model, os.path.join(directory, "model.safetensors"))
-    tokenizer.save_pretrained(directory)
+def load_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    model = load_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def load_lowrank(path: str) -> PreTrainedModel:
-    import json
-
     from safetensors.torch import load_model
     from transformers import AutoConfig
 
@@ -90,19 +165,51 @@ def load_lowrank(path: str) -> PreTrainedModel:
     return model
 
 
-def load_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    model = load_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+# --- saving -------------------------------------------------------------------------------------------------
+
+
+def save_model_dir(model, tokenizer, directory: str) -> None:
+    """Write `model` in its own format: HF (dense), HF plus its layer groups (shared), or config + factors (low-rank).
+
+    Quantized models are written by the quantize stage, in torchao's format.
+    """
+    if getattr(model, "lowrank_spec", None):
+        save_lowrank(model, directory)
+    elif getattr(model, "layer_groups", None) and any(len(g) > 1 for g in model.layer_groups):
+        save_shared(model, directory)
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def save_lowrank(model, directory: str) -> None:
+    """Low-rank layers are not an HF architecture: config + factorization spec + safetensors."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    with open(os.path.join(directory, LOWRANK_SPEC), "w") as f:
+        json.dump(model.lowrank_spec, f, indent=2)
+    save_model(model, os.path.join(directory, "model.safetensors"))
+
+
+def save_shared(model, directory: str) -> None:
+    """Plain HF files (each layer's weights written out, so any HF loader reads them) plus the layer groups,
+    with which the framework ties them again on load."""
+    from framework.compression.sharing import repeated_state_dict
+
+    model.save_pretrained(directory, state_dict=repeated_state_dict(model))
+    with open(os.path.join(directory, SHARING_SPEC), "w") as f:
+        json.dump({"groups": model.layer_groups}, f, indent=2)
+
+
+# --- from scratch -------------------------------------------------------------------------------------------
 
 
 def train_bpe_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, corpus_id: str, cache_dir: str):
     """A byte-level BPE tokenizer trained on the corpus, cached by (corpus, vocabulary size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    target = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{_short_hash(corpus_id)}")
+    target = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{short_hash(corpus_id)}")
     if not os.path.isfile(os.path.join(target, "tokenizer.json")):
         log.info("training a %d-token BPE tokenizer on %s", vocab_size, corpus_id)
         bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -150,17 +257,23 @@ def build_from_scratch(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
         )
     else:
         raise ConfigError("model.arch", f"'{model_cfg.arch}' cannot be built from scratch")
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_cfg.share_layers > 1:
+        from framework.compression.sharing import layer_groups, share_layers
+
+        share_layers(model, layer_groups(model_cfg.num_layers, model_cfg.share_layers), init="first")
+    return model
 
 
 def build_model_and_tokenizer(model_cfg: DictConfig, cache_dir: str, corpus=None):
-    """The model and tokenizer a train stage starts from.
+    """The model and tokenizer a stage starts from.
 
     `corpus` is a `(texts_fn, corpus_id)` pair, used only to train a BPE tokenizer for a from-scratch model.
     """
+    if model_cfg.arch == "artifact":
+        return load_pretrained(model_directory(model_cfg))
     if model_cfg.arch == "pretrained":
-        model, tokenizer = load_pretrained(resolve_pretrained(model_cfg, cache_dir))
-        return model, tokenizer
+        return load_pretrained(resolve_pretrained(model_cfg, cache_dir))
     if model_cfg.tokenizer == "bpe":
         if corpus is None:
             raise ConfigError("model.tokenizer", "bpe needs a corpus to train on")
@@ -173,7 +286,7 @@ def build_model_and_tokenizer(model_cfg: DictConfig, cache_dir: str, corpus=None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, non-zero) parameters, counting tied weights once."""
+    """(total, non-zero) parameters, counting tied and shared weights once."""
     seen, total, nonzero = set(), 0, 0
     for param in model.parameters():
         if id(param) in seen:

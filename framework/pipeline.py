@@ -1,50 +1,49 @@
 """Run a pipeline's stages in order, handing artifacts on; skip what is done, resume what was cut.
 
-A stage's fingerprint includes the previous stage's fingerprint, so changing one stage's settings
-reruns that stage and every stage after it, and nothing before it.
+Every stage is composed and fully validated first (types, ranges, the machine, that `input` / `teacher`
+name an earlier stage whose model this stage can read), so a mistake anywhere fails before the first
+stage starts. A stage's fingerprint includes the previous stage's fingerprint, so changing one stage's
+settings reruns that stage and every stage after it, and nothing before it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from framework import artifacts, report
-from framework.config import ConfigError
+from framework.compose import compose
+from framework.errors import ConfigError
 from framework.launch import run_stage
 from framework.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 SPEC_KEYS = ("kind", "input", "teacher", "groups")  # what a stage entry says besides config values
 
 
-@contextlib.contextmanager
-def _hydra_context():
-    """compose() needs an initialized Hydra: the recipe's own inside a Hydra app, else our conf/."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            yield
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str
+    stage_dir: str
+    config: DictConfig  # validated
+    output_format: str
 
 
 def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_dir: str) -> DictConfig:
     """The full config of one stage: its kind's config with the stage's group choices, then its values."""
     kind = spec.get("kind")
-    if kind not in STAGES:
-        raise ConfigError(f"pipeline.stages.{name}.kind", f"'{kind}' is not one of {', '.join(STAGES)}")
     choices = spec.get("groups") or {}
-    with _hydra_context():
-        cfg = compose(config_name=kind, overrides=[*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
+    try:
+        cfg = compose(kind, [*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
+    except Exception as err:  # Hydra's composition error: an unknown group option, most often
+        raise ConfigError(f"pipeline.stages.{name}.groups", str(err).splitlines()[0]) from None
     # Where every stage runs (precision, strategy, devices), unless the stage chose its own group.
     hardware = OmegaConf.to_container(OmegaConf.masked_copy(pipeline_cfg, ["trainer", *(g for g in ("precision", "strategy") if g not in choices)]))
     values = OmegaConf.masked_copy(spec, [k for k in spec if k not in SPEC_KEYS])
@@ -60,46 +59,57 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
         raise ConfigError(f"pipeline.stages.{name}.{key}".rstrip("."), str(err).splitlines()[0]) from None
 
 
-def _resolve_inputs(name: str, spec: DictConfig, cfg: DictConfig, stage_dirs: dict[str, str]) -> DictConfig:
-    """Turn the stage names in `input` / `teacher` into the artifact directories of those stages."""
+def plan(cfg: DictConfig) -> list[PlannedStage]:
+    """Compose and validate every stage of `cfg.pipeline`, in order, before anything runs."""
+    planned: dict[str, PlannedStage] = {}
+    for name, spec in cfg.pipeline.stages.items():
+        kind = spec.get("kind")
+        if kind not in STAGES:
+            raise ConfigError(f"pipeline.stages.{name}.kind", f"'{kind}' is not one of {', '.join(STAGES)}")
+        stage = STAGES[kind]
+        stage_dir = os.path.join(cfg.run_dir, name)
+        composed = compose_stage(name, spec, cfg, stage_dir)
+        inputs, input_format = _connect_inputs(name, spec, stage, composed, planned)
+        try:
+            validated = stage.validate(composed, planned_inputs=inputs)
+        except ConfigError as err:
+            raise err.under(f"pipeline.stages.{name}") from None
+        planned[name] = PlannedStage(name, kind, stage_dir, validated, stage.output_format(validated, input_format))
+    return list(planned.values())
 
-    def directory(key: str) -> str:
-        source = spec[key]
-        if source not in stage_dirs:
-            raise ConfigError(f"pipeline.stages.{name}.{key}", f"'{source}' is not an earlier stage (earlier: {', '.join(stage_dirs) or 'none'})")
-        return stage_dirs[source]
 
+def _connect_inputs(name: str, spec: DictConfig, stage, cfg: DictConfig, planned: dict[str, PlannedStage]):
+    """Point the stage's input key at the artifact of the earlier stage it names; return the planned
+    input formats ({input key: format}) and the input's format."""
+    spec_key = "teacher" if stage.input_key == "distill.teacher" and spec.get("teacher") else "input"
+    source = spec.get(spec_key)
+    if source is None:
+        if stage.reads and stage.input_required:
+            raise ConfigError(f"pipeline.stages.{name}.input", f"a {stage.kind} stage needs an input stage (earlier: {', '.join(planned) or 'none'})")
+        return {}, None
+    if source not in planned:
+        raise ConfigError(f"pipeline.stages.{name}.{spec_key}", f"'{source}' is not an earlier stage (earlier: {', '.join(planned) or 'none'})")
+    upstream = planned[source]
+    stage.check_input_format(upstream.output_format, f"pipeline.stages.{name}.{spec_key}", source)
     with open_dict(cfg):
-        if spec.kind == "distill":
-            cfg.distill.teacher = directory("teacher" if spec.get("teacher") else "input")
-        elif spec.get("input"):
-            cfg.input = directory("input")
-        elif spec.kind != "train":
-            raise ConfigError(f"pipeline.stages.{name}.input", f"a {spec.kind} stage needs an input stage")
+        OmegaConf.update(cfg, stage.input_key, upstream.stage_dir, force_add=True)
         cfg.logger.uses = [spec[k] for k in ("input", "teacher") if spec.get(k)]
-    return cfg
+    return {stage.input_key: upstream.output_format}, upstream.output_format
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict]:
     """Run every stage of `cfg.pipeline` into `cfg.run_dir/<stage>`; returns the report rows."""
-    run_dir = cfg.run_dir
-    stages = cfg.pipeline.stages
-    configs, stage_dirs = {}, {}
-    for name, spec in stages.items():  # compose and check every stage before any heavy work
-        stage_dirs[name] = os.path.join(run_dir, name)
-        configs[name] = _resolve_inputs(name, spec, compose_stage(name, spec, cfg, stage_dirs[name]), stage_dirs)
-
+    stages = plan(cfg)
     rows, previous = [], []
-    for name, spec in stages.items():
-        stage_dir = stage_dirs[name]
-        done_before = _complete_mtime(stage_dir)
+    for stage in stages:
+        done_before = _complete_mtime(stage.stage_dir)
         started = time.perf_counter()
-        log.info("stage %s (%s)", name, spec.kind)
-        metrics = run_stage(spec.kind, configs[name], stage_dir, previous)
-        cached = done_before is not None and done_before == _complete_mtime(stage_dir)
-        rows.append(report.row(name, spec.kind, stage_dir, metrics, cached, time.perf_counter() - started))
-        previous = [artifacts.read_fingerprint(stage_dir)]
-    report.write(run_dir, rows)
+        log.info("stage %s (%s)", stage.name, stage.kind)
+        metrics = run_stage(stage.kind, stage.config, stage.stage_dir, previous)
+        cached = done_before is not None and done_before == _complete_mtime(stage.stage_dir)
+        rows.append(report.row(stage.name, stage.kind, stage.stage_dir, metrics, cached, time.perf_counter() - started))
+        previous = [artifacts.read_fingerprint(stage.stage_dir)]
+    report.write(cfg.run_dir, rows)
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from framework import artifacts
 
@@ -55,14 +55,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """A markdown table of dicts, one column per key of the first."""
+def markdown_table(rows: Sequence[dict], columns: dict[str, str] | None = None, format_cell: Callable[[Any], str] | None = None) -> str:
+    """A Markdown table of dicts: `columns` maps row keys to headers in display order (default: every key of
+    the first row); numbers are right-aligned."""
     if not rows:
         return "(no rows)\n"
-    headers = list(rows[0])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(_format_cell(row.get(h)) for h in headers) + " |")
+    columns = columns or {key: key for key in rows[0]}
+    format_cell = format_cell or _format_cell
+    lines = [
+        "| " + " | ".join(columns.values()) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
+        *("| " + " | ".join(format_cell(row.get(key)) for key in columns) + " |" for row in rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -139,12 +143,17 @@ def plot(run_dir: str, rows: list[dict]) -> None:
     os.replace(tmp, os.path.join(run_dir, "report.png"))
 
 
+def stage_dirs(run_dir: str) -> list[str]:
+    """The finished stages of a pipeline run directory, in the order they finished."""
+    candidates = [os.path.join(run_dir, name) for name in os.listdir(run_dir)]
+    done = [d for d in candidates if artifacts.is_complete(d)]
+    return sorted(done, key=lambda d: os.path.getmtime(os.path.join(d, artifacts.COMPLETE)))
+
+
 def rebuild(run_dir: str) -> list[dict]:
     """The report of a pipeline run directory, from its stages' artifacts (the evaluate recipe)."""
-    stage_dirs = [os.path.join(run_dir, name) for name in os.listdir(run_dir)]
-    done = sorted((d for d in stage_dirs if artifacts.is_complete(d)), key=lambda d: os.path.getmtime(os.path.join(d, artifacts.COMPLETE)))
     rows = []
-    for stage_dir in done:
+    for stage_dir in stage_dirs(run_dir):
         metrics = artifacts.read_metrics(stage_dir)
         rows.append(row(os.path.basename(stage_dir), metrics.get("kind", "?"), stage_dir, metrics, cached=True, seconds=0.0))
     write(run_dir, rows)

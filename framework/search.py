@@ -26,7 +26,9 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from framework import artifacts, report
-from framework.config import ConfigError
+from framework.compose import compose
+from framework.errors import ConfigError
+from framework.training import extra_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +236,7 @@ def compose_trial(config_name: str, overrides: list[str], trial_dir: str) -> Dic
 
     The search file's other settings (say, a shorter trainer.max_steps for every trial) stay.
     """
-    from hydra import compose
-
-    cfg = compose(config_name=config_name, overrides=[*overrides, f"run_dir={trial_dir}"])
+    cfg = compose(config_name, [*overrides, f"run_dir={trial_dir}"])
     cfg.hparams_search = None
     return cfg
 
@@ -245,8 +245,6 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
     """Run trials of the study until it holds `n_trials` (counting every worker's), then write the summary."""
     import optuna
     from optuna.trial import TrialState
-
-    from framework.training import extra_callbacks
 
     search = cfg.hparams_search
     distributions, fixed = search_space(search.params)

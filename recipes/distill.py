@@ -1,13 +1,14 @@
-"""The distill stage as a command: reads an artifact, writes a new one (see conf/distill.yaml)."""
+"""Distill a teacher artifact into a smaller student (see conf/distill.yaml and conf/distill/):
 
-import hydra
-from omegaconf import DictConfig
+    python recipes/distill.py distill.teacher=<stage dir> distill.num_layers=2
+    python recipes/distill.py distill.teacher=<stage dir> distill.student=config model=llama_nano
+"""
 
-from framework.cli import run_stage_recipe
+from framework.app import hydra_main, run_stage_recipe
 
 
-@hydra.main(config_path="../conf", config_name="distill", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main("distill")
+def main(cfg) -> None:
     run_stage_recipe("distill", cfg)
 
 

@@ -1,15 +1,16 @@
-"""Evaluate an artifact, or rebuild a pipeline run's report (see conf/evaluate.yaml)."""
+"""Evaluate an artifact, or rebuild a pipeline run's report (see conf/evaluate.yaml).
 
-import hydra
-from omegaconf import DictConfig
+    python recipes/evaluate.py input=<stage dir> data=stdlib_modules
+    python recipes/evaluate.py input=outputs/pipeline/tiny
+"""
 
-from framework import stages
-from framework.cli import run_recipe
+from framework.app import hydra_main, run_function_recipe
+from framework.evaluate import evaluate
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_recipe(stages.evaluate, cfg, "evaluate")
+@hydra_main("evaluate")
+def main(cfg) -> None:
+    run_function_recipe(evaluate, cfg, "evaluate")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The lowrank stage as a command: reads an artifact, writes a new one (see conf/lowrank.yaml)."""
+"""Factorize the linear layers of an artifact by truncated SVD (see conf/lowrank.yaml and conf/lowrank/):
 
-import hydra
-from omegaconf import DictConfig
+    python recipes/lowrank.py input=<stage dir> lowrank.energy=0.9
+    python recipes/lowrank.py input=<stage dir> lowrank=rank64 trainer.max_steps=50
+"""
 
-from framework.cli import run_stage_recipe
+from framework.app import hydra_main, run_stage_recipe
 
 
-@hydra.main(config_path="../conf", config_name="lowrank", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main("lowrank")
+def main(cfg) -> None:
     run_stage_recipe("lowrank", cfg)
 
 

@@ -4,16 +4,13 @@
     python recipes/pipeline.py experiment=tiny_pipeline pipeline.stages.prune.prune.sparsity=0.7
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from framework.cli import run_recipe
+from framework.app import hydra_main, run_function_recipe
 from framework.pipeline import run_pipeline
 
 
-@hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_recipe(run_pipeline, cfg, "pipeline")
+@hydra_main("pipeline")
+def main(cfg) -> None:
+    run_function_recipe(run_pipeline, cfg, "pipeline")
 
 
 if __name__ == "__main__":

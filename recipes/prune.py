@@ -1,13 +1,15 @@
-"""The prune stage as a command: reads an artifact, writes a new one (see conf/prune.yaml)."""
+"""Prune an artifact (see conf/prune.yaml and conf/prune/):
 
-import hydra
-from omegaconf import DictConfig
+    python recipes/prune.py input=<stage dir> prune=wanda prune.sparsity=0.5
+    python recipes/prune.py input=<stage dir> prune=magnitude_threshold prune.threshold=0.02
+    python recipes/prune.py input=<stage dir> prune=structured prune.drop_layers=1 trainer.max_steps=50
+"""
 
-from framework.cli import run_stage_recipe
+from framework.app import hydra_main, run_stage_recipe
 
 
-@hydra.main(config_path="../conf", config_name="prune", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main("prune")
+def main(cfg) -> None:
     run_stage_recipe("prune", cfg)
 
 

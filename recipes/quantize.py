@@ -1,13 +1,14 @@
-"""The quantize stage as a command: reads an artifact, writes a new one (see conf/quantize.yaml)."""
+"""Quantize an artifact (see conf/quantize.yaml and conf/quantize/):
 
-import hydra
-from omegaconf import DictConfig
+    python recipes/quantize.py input=<stage dir> quantize=int8_dynamic
+    python recipes/quantize.py input=<stage dir> quantize=qat_int8_dynamic trainer.max_steps=50
+"""
 
-from framework.cli import run_stage_recipe
+from framework.app import hydra_main, run_stage_recipe
 
 
-@hydra.main(config_path="../conf", config_name="quantize", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main("quantize")
+def main(cfg) -> None:
     run_stage_recipe("quantize", cfg)
 
 

@@ -3,16 +3,14 @@
     python recipes/train.py model=llama_tiny data=stdlib_docs optimizer.lr=1e-3
     python recipes/train.py model=smollm2_135m finetune=lora trainer.max_steps=20
     python recipes/train.py input=<artifact dir> data=stdlib_modules      # finetune an earlier stage's model
+    python recipes/train.py model.share_layers=2                          # layers sharing weights in pairs
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from framework.cli import run_stage_recipe
+from framework.app import hydra_main, run_stage_recipe
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main("train")
+def main(cfg) -> None:
     run_stage_recipe("train", cfg)
 
 

@@ -7,16 +7,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import framework.config  # noqa: F401  (registers the resolvers)
+from framework.compose import compose, conf_dir
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF_DIR = conf_dir()
 
 # Small and quick: the nano model, short blocks, few validation blocks, no progress bar.
-FAST = [
-    "model=llama_nano",
+COMMON = [
     "data.block_size=64",
     "data.batch_size=8",
     "data.max_val_blocks=16",
@@ -25,12 +23,11 @@ FAST = [
     "trainer.log_every_n_steps=1",
     "precision=32-true",
 ]
+FAST = ["model=llama_nano", *COMMON]  # for the configs that pick a model (train, distill)
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: str | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        extra = [f"run_dir={run_dir}"] if run_dir else ["run_dir=outputs/test"]
-        return compose(config_name=config_name, overrides=[*overrides, *extra])
+    return compose(config_name, [*overrides, f"run_dir={run_dir or 'outputs/test'}"])
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ import json
 import math
 import pytest
 
-from framework.benchmark import (
-    DISTILLATION_COLUMNS, PRUNE_RUNS, PRUNING_COLUMNS, QUANT_METHODS, QUANTIZATION_COLUMNS, TRAIN_COLUMNS,
-    BenchSize, distillation_table, pruning_table, quantization_table, scaling_table, train_table,
+from bench.compression import (
+    DISTILLATION_COLUMNS, PRUNE_RUNS, PRUNING_COLUMNS, QUANT_METHODS, QUANTIZATION_COLUMNS,
+    BenchSize, distillation_table, pruning_table, quantization_table,
 )
+from bench.training import TRAIN_COLUMNS, scaling_table, train_table
 
 # One warm-up and one timed step per precision on the nano model and short blocks; a given peak
 # FLOP/s skips its measurement.

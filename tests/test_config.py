@@ -7,8 +7,14 @@ import sys
 import pytest
 from hydra.errors import MissingConfigException
 
-from framework.config import STAGE_SCHEMAS, ConfigError, to_schema, validate_train_config
+from framework.config import to_schema
+from framework.errors import ConfigError
+from framework.stages import STAGES
 from tests.conftest import CONF_DIR, compose_config
+
+
+def validate_train_config(cfg):
+    return STAGES["train"].validate(cfg)
 
 GROUP_NEEDS = {  # options that need a value the user must give
     ("model", "hf"): ["model.path={smol_dir}"],
@@ -34,9 +40,11 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     smol_dir.mkdir()
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
     extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
-    if group in STAGE_SCHEMAS:  # a compression stage's own group: composes into that stage's schema
+    if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
+        stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]
-        to_schema(section, STAGE_SCHEMAS[group].__dataclass_fields__[group].default_factory)
+        typed = stage.typed_section(section) if stage.methods else to_schema(section, stage.section_schema, prefix=group)
+        assert set(typed) >= set(section)
         return
     cfg = compose_config("train", [f"{group}={option}", *extra])
     assert cfg[group] is not None
@@ -51,24 +59,32 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(n.removesuffix(".yaml") for n in os.listdir(os.path.join(CONF_DIR, "experiment"))))
-def test_experiment_presets_compose_every_stage(name, tmp_path):
-    from framework.pipeline import compose_stage
+def test_experiment_presets_compose_and_validate_every_stage(name, tmp_path):
+    from framework.pipeline import plan
 
     cfg = compose_config("pipeline", [f"experiment={name}"], run_dir=str(tmp_path))
-    assert cfg.pipeline.stages
-    for stage, spec in cfg.pipeline.stages.items():
-        assert compose_stage(stage, spec, cfg, str(tmp_path / stage)).trainer is not None
+    planned = plan(cfg)
+    assert [p.name for p in planned] == list(cfg.pipeline.stages)
+    assert all(p.config.precision.name != "auto" for p in planned)  # validated: auto resolved for this machine
+    assert not any(tmp_path.iterdir())  # planning writes nothing
 
 
-@pytest.mark.parametrize("recipe", ["prune", "quantize", "lowrank", "distill", "evaluate"])
+@pytest.mark.parametrize("recipe", ["prune", "quantize", "lowrank", "distill", "share", "evaluate"])
 def test_every_recipe_config_composes(recipe):
     assert compose_config(recipe, []).data.name
 
 
 BAD_INPUTS = [
     (["optimizer.lr=-1"], "optimizer.lr", "must be > 0"),
+    (["optimizer.lr=nan"], "optimizer.lr", "must be a finite number"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas", "two numbers"),
+    (["scheduler.min_lr_ratio=-5"], "scheduler.min_lr_ratio", "must be in [0, 1]"),
+    (["data.num_workers=-1"], "data.num_workers", "must be >= 0"),
+    (["trainer.devices=0"], "trainer.devices", "must be a count >= 1"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes", "must be > 0"),
     (["optimizer.lr=0"], "optimizer.lr", "must be > 0"),
     (["optimizer.name=adagrad"], "optimizer.name", "not one of adamw, adam, sgd, rmsprop"),
+    (["model.share_layers=8"], "model.share_layers", "more than the model's 4 layers"),
     (["data.block_size=1024", "model.max_position_embeddings=512"], "data.block_size", "larger than the model's 512"),
     (["data.batch_size=0"], "data.batch_size", "must be > 0"),
     (["precision=16-mixed"], "precision", "needs a CUDA GPU"),
@@ -78,7 +94,7 @@ BAD_INPUTS = [
     (["model=hf", "model.path=/tmp"], "model.path", "holds no model"),
     (["model=hf", "model.path=/no/such/dir"], "model.path", "does not exist"),
     (["trainer.max_steps=-1"], "trainer.max_steps", "must be >= 0"),
-    (["data.val_fraction=1.5"], "data.val_fraction", "between 0 and 1"),
+    (["data.val_fraction=1.5"], "data.val_fraction", "must be in (0, 1)"),
 ]
 
 
@@ -111,8 +127,7 @@ def test_unknown_config_group_option_is_refused():
 
 
 def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):
-    from framework.training import train
-
+    train = STAGES["train"]
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words")
     cfg = train_config("data=text_files", f"data.paths=[{tiny}]", f"paths.cache_dir={tmp_path / 'cache'}")
@@ -133,13 +148,50 @@ def test_recipe_prints_the_error_as_one_line_and_exits_2(tmp_path):
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
 def test_launchers_take_nodes_and_tasks_from_the_trainer(launcher, target):
-    from hydra import compose, initialize_config_dir
+    from framework.compose import compose
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"launcher={launcher}", "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+    cfg = compose("train", [f"launcher={launcher}", "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
     settings = cfg.hydra.launcher
     assert settings._target_.endswith(target)
     assert cfg.hydra.mode.name == "MULTIRUN"  # launchers run multiruns: no -m needed
     if launcher == "slurm":
         assert (settings.nodes, settings.tasks_per_node, settings.gpus_per_node) == (2, 4, 4)
         assert settings.signal_delay_s > 0 and settings.max_num_timeout > 0  # SIGUSR1 before the limit, requeues
+
+
+# The three mistakes that used to be found only when their stage started, after minutes of training.
+LATE_FAILURES = [
+    ("pipeline.stages.prune.prune.sparsity=1.5", "pipeline.stages.prune.prune.sparsity", "must be in [0, 1)"),
+    ("pipeline.stages.finetune.input=finetune", "pipeline.stages.finetune.input", "'finetune' is not an earlier stage"),
+    ("pipeline.stages.distill.teacher=quantize", "pipeline.stages.distill.teacher", "'quantize' holds a quantized model"),
+]
+
+
+@pytest.mark.parametrize("override,key,message", LATE_FAILURES)
+def test_pipeline_refuses_a_bad_stage_before_any_work(override, key, message, tmp_path):
+    """No stage starts: nothing is trained or written (how long the refusal takes is in the README, not asserted)."""
+    result = subprocess.run(
+        [sys.executable, "recipes/pipeline.py", "experiment=tiny_pipeline", override, f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "stage pretrain" not in result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {key}: ") and message in last, last
+    assert "Traceback" not in result.stderr
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "pipeline.log"}  # Hydra's record, no stage
+
+
+def test_import_layers_hold_and_an_upward_import_breaks_them(tmp_path):
+    """`lint-imports` (run by make test) keeps the layers; a copy of the package with one upward import fails it."""
+    import shutil
+
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    assert subprocess.run([lint], capture_output=True, text=True).returncode == 0
+    for name in ("framework", "bench", "pyproject.toml"):
+        copy = shutil.copytree if os.path.isdir(name) else shutil.copy
+        copy(name, tmp_path / name)
+    with open(tmp_path / "framework" / "config.py", "a") as f:
+        f.write("\nfrom framework import pipeline  # upward: schema importing orchestration\n")
+    result = subprocess.run([lint], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0 and "framework.config -> framework.pipeline" in result.stdout

@@ -246,7 +246,10 @@ def test_sigusr1_under_submitit_saves_then_hands_over_to_its_requeue_handler(tra
     """submitit installs its own SIGUSR1 handler (requeue, then exit); ours saves last.ckpt first."""
     import lightning.pytorch as pl
 
-    from framework.training import extra_callbacks, train
+    from framework.stages import STAGES
+    from framework.training import extra_callbacks
+
+    train = STAGES["train"]
 
     calls = []
 

@@ -124,7 +124,7 @@ def test_changing_quantize_reruns_quantize_and_distill_only(finished_run):
 
 
 def test_misspelt_stage_key_is_refused_before_any_work(tmp_path):
-    from framework.config import ConfigError
+    from framework.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pipeline.stages.prune.prune.sparsty"):
         run_pipeline(pipeline_config(tmp_path, "+pipeline.stages.prune.prune.sparsty=0.7"))

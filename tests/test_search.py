@@ -11,7 +11,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.search import parse_constraint, read_metric, search_space
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

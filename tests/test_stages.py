@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from framework.artifacts import is_complete, read_metrics
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.models import load_model_dir
 from framework.stages import STAGES
-from tests.conftest import FAST, compose_config
+from tests.conftest import COMMON, FAST, compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
 
 
 def run_stage(kind, root, name, *overrides):
-    cfg = compose_config(kind, [*FAST, f"input={root / 'trained'}", *overrides], run_dir=str(root / name))
+    cfg = compose_config(kind, [*COMMON, f"input={root / 'trained'}", *overrides], run_dir=str(root / name))
     return STAGES[kind](cfg)
 
 
@@ -38,7 +38,8 @@ def smollm2(tmp_path_factory):
     return root
 
 
-SMOLLM2 = [*FAST, "model=smollm2_135m", "data.block_size=128", "data.max_val_blocks=4"]
+SMOLLM2_DATA = [*COMMON, "data.block_size=128", "data.max_val_blocks=4"]
+SMOLLM2 = [*SMOLLM2_DATA, "model=smollm2_135m"]
 
 
 def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
@@ -46,7 +47,7 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
     # real pretrained LMs, not in a few-step toy: hence SmolLM2 here.
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        cfg = compose_config("prune", [*SMOLLM2, f"input={smollm2 / 'trained'}", f"prune={method}", "prune.sparsity=0.5", "prune.calibration_samples=8"], run_dir=str(smollm2 / method))
+        cfg = compose_config("prune", [*SMOLLM2_DATA, f"input={smollm2 / 'trained'}", f"prune={method}", "prune.sparsity=0.5", *(["prune.calibration_samples=8"] if method != "magnitude" else [])], run_dir=str(smollm2 / method))
         metrics = STAGES["prune"](cfg)
         assert metrics["prunable_sparsity"] == 0.5  # exact, every layer
         assert all(layer["sparsity"] == 0.5 for layer in metrics["layers"].values())
@@ -60,6 +61,22 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(smollm2):
     reloaded = AutoModelForCausalLM.from_pretrained(smollm2 / "wanda" / "model")
     weight = reloaded.model.layers[0].mlp.up_proj.weight
     assert torch.count_nonzero(weight) == weight.numel() // 2
+
+
+def test_magnitude_threshold_zeroes_exactly_the_weights_under_it(trained):
+    from framework.compression.pruning import prunable_linears, weight_matrix
+
+    threshold = 0.02
+    source = {name: weight_matrix(layer).clone() for name, layer in prunable_linears(load_model_dir(str(trained / "trained" / "model"))).items()}
+    metrics = run_stage("prune", trained, "prune_threshold", "prune=magnitude_threshold", f"prune.threshold={threshold}")
+    pruned = prunable_linears(load_model_dir(str(trained / "prune_threshold" / "model")))
+    for name, weight in source.items():
+        under = weight.abs() < threshold
+        after = weight_matrix(pruned[name])
+        assert torch.equal(after == 0, under | (weight == 0)), name  # exactly the weights under the threshold
+        assert torch.equal(after[~under], weight[~under]), name  # and nothing else changed
+    expected = sum(int((w.abs() < threshold).sum()) for w in source.values()) / sum(w.numel() for w in source.values())
+    assert metrics["prunable_sparsity"] == pytest.approx(expected, abs=1e-12) and 0.05 < expected < 0.95
 
 
 def test_two_four_pattern_holds_in_every_group(trained):
@@ -97,6 +114,38 @@ def test_lowrank_shrinks_the_model_and_reloads_through_the_framework(trained):
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     logits = model(ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_sharing_pairs_halves_the_decoder_and_reloads_both_ways_with_equal_logits(trained):
+    from framework.compression.sharing import ties_hold
+
+    source = load_model_dir(str(trained / "trained" / "model"))
+    decoder = sum(p.numel() for p in source.model.layers.parameters())
+    metrics = run_stage("share", trained, "share", "share.group_size=2")
+    assert metrics["params_total"] == sum(p.numel() for p in source.parameters()) - decoder // 2  # 4 layers, 2 unique
+    assert metrics["ties_hold"] and metrics["layer_groups"] == [[0, 1], [2, 3]]
+    assert metrics["size_bytes_unique"] < 0.75 * 4 * sum(p.numel() for p in source.parameters())
+
+    plain = AutoModelForCausalLM.from_pretrained(trained / "share" / "model").eval()  # every layer's weights on disk
+    ours = load_model_dir(str(trained / "share" / "model")).eval()  # ties restored
+    assert ties_hold(ours) and not hasattr(plain, "layer_groups")
+    assert sum(p.numel() for p in ours.parameters()) == metrics["params_total"]
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits, rtol=0, atol=0)
+
+
+def test_sharing_recovery_finetune_keeps_the_ties_and_lowers_perplexity(trained):
+    one_shot = run_stage("share", trained, "share_pairs", "share.group_size=2")
+    recovered = run_stage("share", trained, "share_recovered", "share.group_size=2", "trainer.max_steps=30", "optimizer.lr=1e-3")
+    assert recovered["ties_hold"] and recovered["params_total"] == one_shot["params_total"]
+    assert recovered["val_ppl"] < one_shot["val_ppl"]
+    plain = AutoModelForCausalLM.from_pretrained(trained / "share_recovered" / "model")
+    trained_layers = plain.model.layers
+    for first, second in ((0, 1), (2, 3)):  # the tied tensors are identical after training
+        for (name, a), (_, b) in zip(trained_layers[first].state_dict().items(), trained_layers[second].state_dict().items()):
+            assert torch.equal(a, b), (first, name)
+    assert not torch.equal(trained_layers[0].mlp.up_proj.weight, trained_layers[2].mlp.up_proj.weight)
 
 
 def test_int8_artifact_is_small_and_keeps_perplexity(trained):

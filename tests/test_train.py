@@ -10,7 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from framework.artifacts import is_complete, read_metrics
-from framework.training import StageHooks, train
+from framework.stages import STAGES
+from framework.training import extra_callbacks
+
+
+def train(cfg, callbacks=()):
+    """The train stage as a user calls it from Python, with test callbacks added to its trainer."""
+    with extra_callbacks(callbacks):
+        return STAGES["train"](cfg)
 
 
 class CaptureModel(pl.Callback):
@@ -41,7 +48,7 @@ def test_pretraining_lowers_val_loss_well_below_its_start(train_config):
 
 def test_artifact_reloads_in_transformers_with_identical_logits(train_config, tmp_path):
     capture = CaptureModel()
-    train(train_config("trainer.max_steps=3"), hooks=StageHooks(callbacks=[capture]))
+    train(train_config("trainer.max_steps=3"), callbacks=[capture])
     stage_dir = tmp_path / "run"
     assert is_complete(str(stage_dir))
     assert {"model", "metrics.json", "config.yaml", "fingerprint", "COMPLETE", "checkpoints"} <= set(os.listdir(stage_dir))
@@ -58,21 +65,21 @@ def test_artifact_reloads_in_transformers_with_identical_logits(train_config, tm
 def test_rerunning_a_finished_run_does_no_training(train_config):
     cfg = train_config("trainer.max_steps=2")
     first = train(cfg)
-    again = train(cfg, hooks=StageHooks(callbacks=[InterruptAt(0)]))  # would raise if training started
+    again = train(cfg, callbacks=[InterruptAt(0)])  # would raise if training started
     assert again == first
 
 
 def test_interrupted_run_resumes_and_ends_where_an_uninterrupted_run_ends(train_config, tmp_path):
     overrides = ("trainer.max_steps=12", "trainer.checkpoint_every_n_steps=4", "optimizer.lr=3e-3")
     straight = CaptureModel()
-    train(train_config(*overrides, run_dir=tmp_path / "straight"), hooks=StageHooks(callbacks=[straight]))
+    train(train_config(*overrides, run_dir=tmp_path / "straight"), callbacks=[straight])
 
     cut_cfg = train_config(*overrides, run_dir=tmp_path / "cut")
     with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit after saving last.ckpt
-        train(cut_cfg, hooks=StageHooks(callbacks=[InterruptAt(7)]))
+        train(cut_cfg, callbacks=[InterruptAt(7)])
     assert not is_complete(str(tmp_path / "cut"))
     resumed = CaptureModel()
-    train(cut_cfg, hooks=StageHooks(callbacks=[resumed]))  # the same command again
+    train(cut_cfg, callbacks=[resumed])  # the same command again
 
     assert read_metrics(str(tmp_path / "cut"))["train_steps"] == 12
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
@@ -83,16 +90,16 @@ def test_interrupted_run_resumes_and_ends_where_an_uninterrupted_run_ends(train_
 
 def test_checkpoints_of_another_config_are_set_aside_not_resumed(train_config, tmp_path):
     with pytest.raises(SystemExit):
-        train(train_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"), hooks=StageHooks(callbacks=[InterruptAt(3)]))
+        train(train_config("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2"), callbacks=[InterruptAt(3)])
     capture = CaptureModel()
-    metrics = train(train_config("trainer.max_steps=6", "optimizer.lr=1e-2"), hooks=StageHooks(callbacks=[capture]))
+    metrics = train(train_config("trainer.max_steps=6", "optimizer.lr=1e-2"), callbacks=[capture])
     assert metrics["train_tokens"] == 6 * 8 * 64  # all six steps trained here: nothing was resumed
     stale = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoints.stale-")]
     assert len(stale) == 1 and (tmp_path / "run" / stale[0] / "last.ckpt").exists()
 
 
 def test_non_finite_loss_stops_with_a_clear_message(train_config):
-    from framework.callbacks import NonFiniteLossError
+    from framework.errors import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step"):
         train(train_config("trainer.max_steps=20", "optimizer.lr=1e30", "optimizer=sgd", "trainer.gradient_clip_val=null"))
@@ -110,6 +117,21 @@ def test_gpt2_and_optimizer_choices_train(train_config, tmp_path):
     for i, choice in enumerate(["model=gpt2_tiny optimizer=sgd scheduler=linear", "optimizer=rmsprop scheduler=constant"]):
         metrics = train(train_config(*choice.split(), "trainer.max_steps=3", "optimizer.lr=1e-3", run_dir=tmp_path / str(i)))
         assert math.isfinite(metrics["val_loss"])
+
+
+def test_layers_sharing_weights_from_scratch_stay_tied_through_training(train_config, tmp_path):
+    from framework.compression.sharing import ties_hold
+    from framework.models import load_model_dir
+
+    capture = CaptureModel()
+    shared = train(train_config("model=llama_tiny", "model.share_layers=2", "trainer.max_steps=8", "optimizer.lr=3e-3"), callbacks=[capture])
+    plain = train(train_config("model=llama_tiny", "trainer.max_steps=1", run_dir=tmp_path / "plain"))
+    layers = capture.model.model.layers
+    decoder = sum(p.numel() for layer in layers for p in layer.parameters())  # each layer counts its own (shared) weights
+    assert shared["params_total"] == plain["params_total"] - decoder // 2
+    assert ties_hold(capture.model) and shared["val_loss"] < shared["val_loss_start"]
+    reloaded = load_model_dir(str(tmp_path / "run" / "model"))
+    assert ties_hold(reloaded) and reloaded.layer_groups == [[0, 1], [2, 3]]
 
 
 @pytest.mark.slow

@@ -139,6 +139,15 @@ def prune_magnitude(
     return sparsity_report(model)
 
 
+@torch.no_grad()
+def prune_threshold(model: nn.Module, threshold: float) -> dict:
+    """Zero every prunable weight with |w| < threshold; the sparsity reached is whatever that gives."""
+    for layer in prunable_linears(model).values():
+        weight = weight_matrix(layer)
+        weight.mul_(weight.abs() >= threshold)
+    return sparsity_report(model)
+
+
 # ---------------------------------------------------------------------------------------
 # Calibration-based pruning, block by block
 

@@ -1,8 +1,8 @@
 """Benchmark tables, written to outputs/bench/<table>.json and .md; prints each table.
 
-    python recipes/benchmark.py                           # every table, full size: SmolLM2-135M, ~25 min on an idle 2-core CPU
-    python recipes/benchmark.py --tables pruning,quantization
-    python recipes/benchmark.py --quick                   # tiny model, few blocks and steps: a smoke run, not numbers to quote
+    python -m bench                              # every table, full size: SmolLM2-135M, ~25 min on an idle 2-core CPU
+    python -m bench --tables pruning,quantization
+    python -m bench --quick                      # tiny model, few blocks and steps: a smoke run, not numbers to quote
 
 The compression tables keep their stage artifacts under outputs/bench/runs/, so a rerun reuses every finished stage.
 """
@@ -11,7 +11,7 @@ import argparse
 import logging
 import warnings
 
-from framework.cli import quiet_libraries
+from framework.environment import quiet_libraries
 
 TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation")
 
@@ -25,7 +25,7 @@ def parse_tables(text: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
     parser.add_argument("--tables", type=parse_tables, default=list(TABLES), help=f"comma-separated, from {','.join(TABLES)} (default: all)")
     args = parser.parse_args()
@@ -34,22 +34,22 @@ def main() -> None:
     # banners and advice and a save progress bar, burying the one progress line per run.
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "framework.training"):
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "framework.training.loop"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     from transformers.utils.logging import disable_progress_bar
 
-    from framework import benchmark
+    from bench import compression, training
 
     disable_progress_bar()
-    size = benchmark.QUICK_SIZE if args.quick else benchmark.FULL_SIZE
+    size = compression.QUICK_SIZE if args.quick else compression.FULL_SIZE
     for table in args.tables:
         if table == "train":
-            print(benchmark.train_table(benchmark.QUICK_TRAIN_STEPS if args.quick else benchmark.TRAIN_STEPS))
+            print(training.train_table(training.QUICK_TRAIN_STEPS if args.quick else training.TRAIN_STEPS))
         elif table == "scaling":
-            print(benchmark.scaling_table(steps=(2, 5) if args.quick else benchmark.SCALING_STEPS))
+            print(training.scaling_table(steps=(2, 5) if args.quick else training.SCALING_STEPS))
         else:
-            print(getattr(benchmark, f"{table}_table")(size))
+            print(getattr(compression, f"{table}_table")(size))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The train stage as a function: config in, artifact out. Pretraining and finetuning (full or LoRA)."""
+"""The one train loop every stage runs: config in, artifact out.
+
+A stage changes it through `StageHooks` (prune before training, keep masks during it, quantize after
+it, distil with another objective, save in another format); checkpoints, resume, logging and the
+artifact contract are the same for all.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,14 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from framework import artifacts
-from framework.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, Throughput
-from framework.config import as_plain, validate_train_config
+from framework.config import as_plain
 from framework.data import LMDataModule, corpus_id, load_documents
+from framework.distributed import is_rank_zero, local_world_size
 from framework.evaluation import evaluate_loss, model_metrics, perplexity
-from framework.launch import is_rank_zero, local_world_size
-from framework.models import build_model_and_tokenizer
-from framework.modules import CausalLMModule
-from framework.tracking import build_loggers, finish, log_stage_artifact
+from framework.models import build_model_and_tokenizer, save_model_dir
+from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, Throughput
+from framework.training.modules import CausalLMModule
+from framework.training.tracking import build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ def semantic_config(cfg: DictConfig) -> dict:
     plain = as_plain(cfg)
     for key in NON_SEMANTIC_KEYS:
         plain.pop(key, None)
+    if plain.get("model", {}).get("arch") == "artifact":
+        plain["model"].pop("path")  # the input's fingerprint stands for it, wherever it lies
     for key in NON_SEMANTIC_TRAINER_KEYS:
         plain.get("trainer", {}).pop(key, None)
     return plain
@@ -185,7 +192,7 @@ class StageHooks:
     module_factory(model, cfg) -> LightningModule   another objective (distillation)
     callbacks                                    behaviour during training (gradual pruning, masks)
     finalize(model) -> model                     after training: QAT convert
-    save_model(model, tokenizer, directory)      another artifact format (quantized, low-rank)
+    save_model(model, tokenizer, directory)      another artifact format (quantized)
     extra_metrics(model, datamodule) -> dict     stage-specific numbers for metrics.json
     """
 
@@ -203,15 +210,14 @@ def train(
     input_fingerprints: Sequence[str] = (),
     job_type: str = "train",
     hooks: StageHooks | None = None,
-    validate: Callable[[DictConfig], DictConfig] = validate_train_config,
 ) -> dict:
     """Run one stage and write its artifact; returns its metrics. A finished stage is not run again.
 
-    Every stage is this loop: build the model and data, let `hooks` change the model, train for
-    `trainer.max_steps` (0: no training, as in one-shot pruning or PTQ), evaluate, write the artifact.
+    `cfg` is a stage config its stage has validated (framework.stages). Every stage is this loop:
+    build the model and data, let `hooks` change the model, train for `trainer.max_steps` (0: no
+    training, as in one-shot pruning or PTQ), evaluate, write the artifact.
     """
     hooks = hooks or StageHooks()
-    cfg = validate(cfg)
     stage_dir = stage_dir or cfg.run_dir
     stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
     if artifacts.is_complete(stage_dir, stage_fingerprint):
@@ -266,7 +272,7 @@ def train(
         if hooks.extra_metrics is not None:
             metrics.update(hooks.extra_metrics(final, datamodule))
         metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
-        save = hooks.save_model or save_hf
+        save = hooks.save_model or save_model_dir
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
         for logger in loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -293,8 +299,3 @@ def _training_totals(trainer: pl.Trainer, throughput: Throughput) -> dict:
 def _final(trainer: pl.Trainer, key: str) -> float | None:
     value = trainer.callback_metrics.get(key)
     return float(value) if value is not None else None
-
-
-def save_hf(model, tokenizer, directory: str) -> None:
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)

@@ -15,15 +15,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from framework.errors import NonFiniteLossError, PreemptedError
+
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class PreemptedError(RuntimeError):
-    """The job was told to stop (SIGUSR1) and saved last.ckpt; rerunning the same command resumes it."""
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:

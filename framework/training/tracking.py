@@ -9,6 +9,15 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig
 
+from framework.config import one_of
+
+LOGGERS = ("csv", "wandb", "tensorboard")
+
+
+def check_logger_config(logger_cfg: DictConfig) -> None:
+    one_of("logger.name", logger_cfg.name, LOGGERS)
+    one_of("logger.mode", logger_cfg.mode, ("offline", "online", "disabled"))
+
 
 def wandb_mode(logger_cfg: DictConfig) -> str:
     """WANDB_MODE in the environment wins over the config, so CI and tests can force offline."""

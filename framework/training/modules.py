@@ -1,4 +1,5 @@
-"""LightningModules: causal-LM training (pretrain and finetune)."""
+"""LightningModules (causal-LM training, distillation), the optimizer and schedule they use, and the checks
+of the optimizer, scheduler, trainer and finetune sections."""
 
 from __future__ import annotations
 
@@ -8,6 +9,56 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from framework.config import finite, in_range, one_of, positive
+from framework.errors import ConfigError
+
+OPTIMIZERS = {
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps),
+    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps),
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0),
+    "rmsprop": lambda groups, c: torch.optim.RMSprop(groups, lr=c.lr, alpha=c.alpha, eps=c.eps, momentum=c.momentum),
+}
+SCHEDULERS = ("cosine", "linear", "constant")
+FINETUNE_METHODS = ("full", "lora")
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """The optimizer, scheduler, trainer and finetune sections: names, ranges, finiteness."""
+    opt = cfg.optimizer
+    one_of("optimizer.name", opt.name, OPTIMIZERS)
+    positive("optimizer.lr", opt.lr)
+    positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
+    positive("optimizer.eps", opt.eps)
+    in_range("optimizer.momentum", opt.momentum, 0, 1, high_open=True)
+    in_range("optimizer.alpha", opt.alpha, 0, 1, low_open=True, high_open=True)
+    if len(opt.betas) != 2:
+        raise ConfigError("optimizer.betas", f"must be two numbers [beta1, beta2], got {list(opt.betas)}")
+    for i, beta in enumerate(opt.betas):
+        in_range(f"optimizer.betas[{i}]", beta, 0, 1, high_open=True)
+    sched = cfg.scheduler
+    one_of("scheduler.name", sched.name, SCHEDULERS)
+    positive("scheduler.warmup_steps", sched.warmup_steps, allow_zero=True)
+    in_range("scheduler.min_lr_ratio", sched.min_lr_ratio, 0, 1)
+    t = cfg.trainer
+    positive("trainer.max_steps", t.max_steps, allow_zero=True)  # 0: evaluate and save only
+    for key in ("val_check_interval", "accumulate_grad_batches", "checkpoint_every_n_steps", "log_every_n_steps", "num_nodes"):
+        positive(f"trainer.{key}", t[key])
+    if t.gradient_clip_val is not None:
+        positive("trainer.gradient_clip_val", t.gradient_clip_val)
+    if t.limit_val_batches is not None:
+        positive("trainer.limit_val_batches", t.limit_val_batches)
+    if t.peak_flops is not None:
+        positive("trainer.peak_flops", t.peak_flops)
+    if t.devices not in ("auto", -1) and not (isinstance(t.devices, int) and not isinstance(t.devices, bool) and t.devices >= 1):
+        raise ConfigError("trainer.devices", f"must be a count >= 1, -1 or auto, got {t.devices}")
+    ft = cfg.finetune
+    one_of("finetune.method", ft.method, FINETUNE_METHODS)
+    if ft.method == "lora":
+        positive("finetune.r", ft.r)
+        positive("finetune.alpha", ft.alpha)
+        in_range("finetune.dropout", ft.dropout, 0, 1, high_open=True)
+    finite("seed", cfg.seed)
+
 
 def build_optimizer(params, cfg: DictConfig) -> torch.optim.Optimizer:
     # Biases and norm weights (1-D) are not decayed, as in GPT-2/Llama training.
@@ -15,15 +66,7 @@ def build_optimizer(params, cfg: DictConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
-    raise ValueError(f"optimizer.name: unknown optimizer '{cfg.name}'")
+    return OPTIMIZERS[cfg.name](groups, cfg)
 
 
 def lr_lambda(cfg: DictConfig, max_steps: int):

@@ -1,0 +1,5 @@
+"""The one train loop (with the hooks stages use), its LightningModules, callbacks and experiment tracking."""
+
+from framework.training.loop import StageHooks, extra_callbacks, train
+
+__all__ = ["StageHooks", "extra_callbacks", "train"]
