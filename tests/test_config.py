@@ -126,6 +126,13 @@ def test_unknown_config_group_option_is_refused():
         compose_config("train", ["optimizer=adagrad"])
 
 
+def test_several_devices_without_a_strategy_run_our_ddp_launch():
+    """strategy=auto with 2 devices would be Lightning's own DDP launcher, which re-runs the command line in each
+    child (a -m sweep in every child, Lightning #11300); it becomes strategy=ddp, whose ranks we start."""
+    assert validate_train_config(compose_config("train", ["trainer.devices=2"])).strategy.name == "ddp"
+    assert validate_train_config(compose_config("train", [])).strategy.name == "auto"
+
+
 def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):
     train = STAGES["train"]
     tiny = tmp_path / "tiny.txt"
