@@ -8,12 +8,13 @@ directory without it is not an artifact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,11 +28,14 @@ CONFIG = "config.yaml"
 MODEL = "model"
 MANIFEST = "manifest.json"  # size and sha256 of every file of the artifact, written just before COMPLETE
 
-# What a model/ directory holds, told by the file that only that format writes (checked in this order).
+# What a model/ directory holds, told by the file that only that format writes (checked in this order):
+# torchao-quantized, low-rank, layer-shared, ONNX (framework.export.onnx), GGUF, dense HF.
 FORMAT_MARKERS = (
     ("quantized", "quantization.json"),
     ("lowrank", "lowrank.json"),
     ("shared", "sharing.json"),
+    ("onnx", "model.onnx"),
+    ("gguf", "*.gguf"),
     ("dense", "config.json"),
 )
 
@@ -112,9 +116,9 @@ def read_fingerprint(stage_dir: str) -> str | None:
 
 
 def model_format(model_dir: str) -> str | None:
-    """The format of a model directory (dense, shared, lowrank, quantized), or None when it holds no model."""
+    """The format of a model directory (FORMAT_MARKERS), or None when it holds no model."""
     for name, marker in FORMAT_MARKERS:
-        if os.path.isfile(os.path.join(model_dir, marker)):
+        if any(os.path.isfile(path) for path in glob.glob(os.path.join(glob.escape(model_dir), marker))):
             return name
     return None
 
@@ -188,11 +192,17 @@ def invalidate(stage_dir: str) -> None:
         os.unlink(os.path.join(stage_dir, COMPLETE))
 
 
-def write_artifact(stage_dir: str, save_model, metrics: dict, config: DictConfig | dict, stage_fingerprint: str) -> None:
-    """Write model/ (through `save_model(directory)`), metrics, config and fingerprint, then COMPLETE."""
+def write_artifact(stage_dir: str, save_model, metrics: dict | Callable[[str], dict], config: DictConfig | dict, stage_fingerprint: str) -> None:
+    """Write model/ (through `save_model(directory)`), metrics, config and fingerprint, then COMPLETE.
+
+    `metrics` may be a function of the written model directory: a format measured in the runtime that
+    reads it (an ONNX or GGUF export) is measured from its files.
+    """
     invalidate(stage_dir)
     with atomic_directory(os.path.join(stage_dir, MODEL)) as tmp:
         save_model(tmp)
+    if callable(metrics):
+        metrics = metrics(os.path.join(stage_dir, MODEL))
     metrics = dict(metrics, size_bytes=directory_size(os.path.join(stage_dir, MODEL)))
     atomic_write_json(os.path.join(stage_dir, METRICS), metrics)
     config_yaml = OmegaConf.to_yaml(config if isinstance(config, DictConfig) else OmegaConf.create(config))

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.config import PipelineConfig, short_hash, unknown_key_message
+from framework.config import GenerateConfig, PipelineConfig, short_hash, unknown_key_message
 from framework.distributed import is_rank_zero
 from framework.errors import ConfigError
 from framework.stages import STAGES
@@ -92,6 +92,7 @@ def register() -> None:
     for kind, stage in STAGES.items():
         store.store(name=f"{kind}_schema", node=stage.schema)
     store.store(name="pipeline_schema", node=PipelineConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
 
 
 @contextlib.contextmanager

@@ -172,7 +172,24 @@ class StageConfig:
     seed: int = 1234
     run_dir: str = "outputs/run"
     input: Optional[str] = None  # the artifact this stage reads (a finetune's starting model, what to prune, ...)
+    # The held-out data of the final metrics (val split): a pipeline sets its evaluation set here, the same
+    # for every stage; null: the val split of `data`.
+    eval_data: Optional[DataConfig] = None
     hparams_search: Optional[SearchConfig] = None
+
+
+@dataclass
+class GenerateConfig:
+    """recipes/generate.py: text from an artifact of any kind, streamed (framework.generate)."""
+
+    input: Optional[str] = None  # the artifact (a stage's directory)
+    prompt: Optional[str] = None
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95  # sample from the smallest set of tokens holding this probability (1: all)
+    seed: int = 0
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_dir: str = "outputs/generate"
 
 
 @dataclass

@@ -1,18 +1,18 @@
-"""Evaluate an artifact on the configured data, or rebuild the report of a pipeline run directory."""
+"""Evaluate an artifact (of any format, in the runtime that format targets) on the configured data, or rebuild
+the report of a pipeline run directory."""
 
 from __future__ import annotations
 
 import os
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from framework import artifacts, report
 from framework.config import StageConfig, to_schema
 from framework.data import LMDataModule, check_data_config, load_documents
 from framework.errors import ConfigError
-from framework.evaluation import model_metrics
-from framework.models import build_model_and_tokenizer
-from framework.stages.base import artifact_model
+from framework.evaluation import SPEED_THREADS, model_metrics
+from framework.runtimes import open_runtime
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -25,14 +25,19 @@ def evaluate(cfg: DictConfig) -> dict:
         return {"rows": report.rebuild(source)}
     artifacts.check_artifact(source, "input")
     typed = to_schema(OmegaConf.create({k: cfg[k] for k in StageConfig.__dataclass_fields__ if k in cfg}), StageConfig)
-    with open_dict(typed):
-        typed.model = artifact_model(source)
     check_data_config(typed.data)
+    from transformers import AutoTokenizer
+
+    model_dir = os.path.join(source, artifacts.MODEL)
     documents = load_documents(typed.data)
-    model, tokenizer = build_model_and_tokenizer(typed.model, typed.paths.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     datamodule = LMDataModule(typed.data, tokenizer, typed.paths.cache_dir, typed.seed, documents)
-    metrics = model_metrics(model, datamodule.val_blocks(), typed.data.batch_size)
-    metrics.update(size_bytes=artifacts.directory_size(os.path.join(source, artifacts.MODEL)), data=typed.data.name)
+    # In the runtime the artifact's format targets; parameters as the stage counted them (an ONNX or GGUF
+    # runtime does not expose them), unless there is a torch model to count.
+    stored = artifacts.read_metrics(source)
+    metrics = {k: stored[k] for k in ("params_total", "params_nonzero", "sparsity") if k in stored}
+    metrics.update(model_metrics(open_runtime(model_dir, SPEED_THREADS), datamodule.val_blocks(), typed.data.batch_size, tokenizer))
+    metrics.update(size_bytes=artifacts.directory_size(model_dir), data=typed.data.name)
     artifacts.atomic_write_json(os.path.join(typed.run_dir, "evaluation.json"), metrics)
     report.print_table([report.row(os.path.basename(os.path.normpath(source)), "evaluate", source, metrics, False, 0.0)], "evaluation")
     return metrics

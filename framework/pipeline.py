@@ -67,6 +67,7 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
 def plan(cfg: DictConfig) -> list[PlannedStage]:
     """Compose and validate every stage of `cfg.pipeline`, in order, before anything runs."""
     planned: dict[str, PlannedStage] = {}
+    eval_data = evaluation_set(cfg)
     for name, spec in cfg.pipeline.stages.items():
         kind = spec.get("kind")
         if kind not in STAGES:
@@ -74,6 +75,9 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         stage = STAGES[kind]
         stage_dir = os.path.join(cfg.run_dir, name)
         composed = compose_stage(name, spec, cfg, stage_dir)
+        if eval_data is not None:
+            with open_dict(composed):
+                composed.eval_data = eval_data
         inputs, input_format = _connect_inputs(name, spec, stage, composed, planned)
         try:
             validated = stage.validate(composed, planned_inputs=inputs)
@@ -81,6 +85,17 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             raise err.under(f"pipeline.stages.{name}") from None
         planned[name] = PlannedStage(name, kind, stage_dir, validated, stage.output_format(validated, input_format))
     return list(planned.values())
+
+
+def evaluation_set(cfg: DictConfig) -> DictConfig | None:
+    """The data every stage's final metrics are measured on (the val split of the data of the stage that
+    `pipeline.evaluate_on` names), so that the stages' perplexities compare; None: each stage's own."""
+    name = cfg.pipeline.get("evaluate_on")
+    if name is None:
+        return None
+    if name not in cfg.pipeline.stages:
+        raise ConfigError("pipeline.evaluate_on", f"'{name}' is not a stage (stages: {', '.join(cfg.pipeline.stages)})")
+    return compose_stage(name, cfg.pipeline.stages[name], cfg, os.path.join(cfg.run_dir, name)).data
 
 
 def _connect_inputs(name: str, spec: DictConfig, stage, cfg: DictConfig, planned: dict[str, PlannedStage]):

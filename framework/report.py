@@ -1,4 +1,7 @@
-"""The summary of a pipeline run: a terminal table, report.md, report.json and report.png."""
+"""The summary of a pipeline run: a terminal table, report.md, report.json and report.png.
+
+Every stage is measured in the runtime its format targets (torch eager, onnxruntime, a GGUF read back
+through transformers), on the pipeline's evaluation set, so perplexities compare across stages."""
 
 from __future__ import annotations
 
@@ -7,38 +10,50 @@ import os
 from typing import Any, Callable, Sequence
 
 from framework import artifacts
+from framework.evaluation import REPEATS
 
 COLUMNS = [  # (key, header, format)
     ("stage", "stage", "{}"),
     ("kind", "kind", "{}"),
+    ("runtime", "runtime", "{}"),
     ("params_total", "params", "{:,}"),
     ("params_nonzero", "non-zero", "{:,}"),
     ("size_mb", "size MB", "{:.2f}"),
     ("val_ppl", "val ppl", "{:.2f}"),
-    ("latency_ms_per_token", "ms/token", "{:.2f}"),
-    ("tokens_per_s", "fwd tok/s", "{:,.0f}"),
+    ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("decode_tokens_per_s_b1", "decode tok/s b1", "{:,.0f}"),
+    ("decode_tokens_per_s_b8", "decode tok/s b8", "{:,.0f}"),
     ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
     ("wall_time_s", "stage s", "{:.1f}"),
     ("status", "status", "{}"),
 ]
+TEXT_COLUMNS = ("stage", "kind", "runtime", "status")
+
+# What each compression saves, and where it runs faster (README: "What buys speed where").
+SPEED_NOTES = """\
+What buys speed where: unstructured and N:M (2:4) pruning store zeros in dense tensors: no smaller on disk
+and no faster in any runtime here (no mainstream runtime serves such sparsity faster; vLLM dropped 2:4).
+Structured pruning and distillation make a smaller dense model: smaller and faster everywhere. Layer sharing
+keeps one copy of each group's weights in memory but the same compute per token: no faster. Low-rank
+factors cut the factorized layers' weights and FLOPs in torch and ONNX (GGUF multiplies them back). int8
+with onnxruntime (the quantize stage's CPU default) stores ~0.27x of fp32 and decodes faster than fp32
+torch; torchao's int8 is as small but slower than fp32 on a CPU (fast on GPUs). A GGUF export is measured
+as transformers reads it back (dequantized to fp32): its size and perplexity are the file's, its speed is
+llama.cpp's to measure."""
 
 
 def row(stage: str, kind: str, stage_dir: str, metrics: dict, cached: bool, seconds: float) -> dict:
     """One report row. A cached stage reports the numbers measured when it ran."""
+    keys = (
+        "runtime", "params_total", "params_nonzero", "val_ppl", "val_ppl_start", "baseline_val_ppl", "prefill_ms", "prefill_tokens",
+        "decode_tokens_per_s_b1", "decode_tokens_per_s_b8", "train_tokens_per_s", "wall_time_s", "sample", "eval_blocks", "eval_block_tokens",
+    )
     return {
         "stage": stage,
         "kind": kind,
         "stage_dir": stage_dir,
-        "params_total": metrics.get("params_total"),
-        "params_nonzero": metrics.get("params_nonzero"),
+        **{key: metrics.get(key) for key in keys},
         "size_mb": metrics.get("size_bytes", 0) / 1e6,
-        "val_ppl": metrics.get("val_ppl"),
-        "val_ppl_start": metrics.get("val_ppl_start"),
-        "baseline_val_ppl": metrics.get("baseline_val_ppl"),
-        "latency_ms_per_token": metrics.get("latency_ms_per_token"),
-        "tokens_per_s": metrics.get("tokens_per_s"),
-        "train_tokens_per_s": metrics.get("train_tokens_per_s"),
-        "wall_time_s": metrics.get("wall_time_s"),
         "status": f"cached ({seconds:.1f}s)" if cached else "ran",
         "cached": cached,
     }
@@ -51,8 +66,23 @@ def _cell(value, fmt: str) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
-    notes = [f"- {r['stage']}: student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    lines += ["", measured_how(rows)]
+    lines += [f"- {r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
+    samples = [f"- {r['stage']}: {r['sample']!r}" for r in rows if r.get("sample")]
+    if samples:
+        lines += ["", "Greedy samples:", *samples]
+    return "\n".join([*lines, "", SPEED_NOTES]) + "\n"
+
+
+def measured_how(rows: list[dict]) -> str:
+    """How the table's numbers were measured, from what the rows recorded."""
+    first = next((r for r in rows if r.get("eval_blocks")), {})
+    prompt = next((r["prefill_tokens"] for r in rows if r.get("prefill_tokens")), None)
+    return (
+        f"Every stage in the runtime its format targets, on the same held-out set ({first.get('eval_blocks', '?')} blocks of "
+        f"{first.get('eval_block_tokens', '?')} tokens). Prefill: a {prompt}-token prompt at batch 1; decode: tokens/s of all "
+        f"sequences together at batch 1 and 8; each the median of {REPEATS} repeats after a warm-up."
+    )
 
 
 def markdown_table(rows: Sequence[dict], columns: dict[str, str] | None = None, format_cell: Callable[[Any], str] | None = None) -> str:
@@ -83,8 +113,8 @@ def print_table(rows: list[dict], title: str = "pipeline") -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for _, header, _ in COLUMNS:
-        table.add_column(header, justify="right" if header not in ("stage", "kind", "status") else "left")
+    for key, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if key in TEXT_COLUMNS else "right")
     for r in rows:
         table.add_row(*(_cell(r.get(k), f) for k, _, f in COLUMNS))
     console = Console()
@@ -94,6 +124,9 @@ def print_table(rows: list[dict], title: str = "pipeline") -> None:
     for r in rows:
         if r.get("baseline_val_ppl"):
             console.print(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+    for r in rows:
+        if r.get("sample"):
+            console.print(f"{r['stage']}: {r['sample']!r}", markup=False, highlight=False)
 
 
 def write(run_dir: str, rows: list[dict]) -> None:
@@ -103,21 +136,23 @@ def write(run_dir: str, rows: list[dict]) -> None:
     print_table(rows, title=os.path.basename(os.path.normpath(run_dir)))
 
 
-def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
-    """Train loss per step. A resumed stage logs again the steps after its last checkpoint: the rerun wins."""
+def loss_curve(stage_dir: str, key: str = "train/loss") -> tuple[list[int], list[float]]:
+    """A logged loss per step. A resumed stage logs again the steps after its last checkpoint: the rerun wins."""
     path = os.path.join(stage_dir, "logs", "metrics.csv")
     loss_at: dict[int, float] = {}
     if os.path.isfile(path):
         with open(path) as f:
             for record in csv.DictReader(f):
-                if record.get("train/loss"):
-                    loss_at[int(record["step"])] = float(record["train/loss"])
+                if record.get(key):
+                    loss_at[int(record["step"])] = float(record[key])
     steps = sorted(loss_at)
     return steps, [loss_at[step] for step in steps]
 
 
 def plot(run_dir: str, rows: list[dict]) -> None:
-    """Perplexity against size on disk per stage, and the loss curves of the training stages."""
+    """Perplexity (the same held-out set for every stage) against size on disk, and the training stages'
+    cross-entropy on their own training batches (for distillation, the hard-label part of its loss: the
+    KD term is another quantity)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,10 +165,10 @@ def plot(run_dir: str, rows: list[dict]) -> None:
             left.annotate(r["stage"], (r["size_mb"], r["val_ppl"]), textcoords="offset points", xytext=(5, 5))
     left.set(xlabel="size on disk (MB)", ylabel="val perplexity", title="perplexity against size")
     for r in rows:
-        steps, losses = loss_curve(r["stage_dir"])
+        steps, losses = loss_curve(r["stage_dir"], "train/hard_loss" if r["kind"] == "distill" else "train/loss")
         if steps:
             right.plot(steps, losses, label=r["stage"])
-    right.set(xlabel="step", ylabel="train loss", title="training loss")
+    right.set(xlabel="step", ylabel="train cross-entropy", title="training cross-entropy (each stage's own batches)")
     if right.lines:
         right.legend()
     fig.tight_layout()

@@ -100,3 +100,19 @@ def apply_lowrank_spec(model: nn.Module, spec: dict[str, int]) -> nn.Module:
     for name, rank in spec.items():
         _set_module(model, name, _empty_lowrank(model.get_submodule(name), rank))
     return model
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """Multiply every LowRankLinear's factors back into one nn.Linear (in place): the dense model a format
+    without factors holds (GGUF), or a plain transformers model. Returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.proj_out.bias is not None, dtype=module.proj_in.weight.dtype)
+            dense.weight.copy_(module.proj_out.weight @ module.proj_in.weight)
+            if dense.bias is not None:
+                dense.bias.copy_(module.proj_out.bias)
+            _set_module(model, name, dense)
+    if hasattr(model, "lowrank_spec"):
+        del model.lowrank_spec
+    return model

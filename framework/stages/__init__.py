@@ -1,7 +1,7 @@
 """The stage kinds, by name. Adding one: a module here (a `Stage` subclass and its `STAGE`), its line below,
 conf/<kind>.yaml and conf/<kind>/, recipes/<kind>.py, the README and tests."""
 
-from framework.stages import distill, lowrank, prune, quantize, share, train
+from framework.stages import distill, export, lowrank, prune, quantize, share, train
 from framework.stages.base import Stage
 
 STAGES: dict[str, Stage] = {
@@ -13,6 +13,7 @@ STAGES: dict[str, Stage] = {
         quantize.STAGE,
         distill.STAGE,
         share.STAGE,
+        export.STAGE,
     )
 }
 

@@ -4,8 +4,9 @@ any work, the artifact formats its input may have, and the run that writes its a
 A stage module (framework/stages/<kind>.py) subclasses `Stage` and sets:
   kind            the name used by recipes, pipelines and the registry (framework.stages.STAGES)
   section         its own config section (conf/<kind>/ holds its options), with `section_schema` a
-                  dataclass, or `methods`: {method name: dataclass}, the section's `method` picking one
-  reads           the model formats its input may have (dense, shared, lowrank, quantized)
+                  dataclass, or `methods`: {method name: dataclass}, the section's `method` (or
+                  `method_key`) picking one
+  reads           the model formats its input may have (framework.artifacts.FORMAT_MARKERS)
   check(cfg)      its own checks, after the common ones
   run(cfg, ...)   the work, on a validated config; usually `training.train` with the stage's hooks
 """
@@ -34,6 +35,11 @@ def check_common(cfg: DictConfig) -> None:
     """The checks of the sections every stage has: model, data, optimization, logging, machine."""
     check_model_config(cfg.model)
     check_data_config(cfg.data)
+    if cfg.eval_data is not None:
+        try:
+            check_data_config(cfg.eval_data)
+        except ConfigError as err:  # the checks name data.<key>
+            raise ConfigError("eval_data" + err.key.removeprefix("data"), err.message) from None
     check_training_config(cfg)
     check_logger_config(cfg.logger)
     check_machine(cfg)
@@ -66,6 +72,7 @@ class Stage:
     section: ClassVar[str | None] = None
     section_schema: ClassVar[type | None] = None
     methods: ClassVar[dict[str, type]] = {}
+    method_key: ClassVar[str] = "method"  # the section's key that picks one of `methods`
     reads: ClassVar[tuple[str, ...]] = ()
     input_key: ClassVar[str] = "input"
     input_required: ClassVar[bool] = True
@@ -86,8 +93,8 @@ class Stage:
 
     def typed_section(self, section: DictConfig) -> DictConfig:
         """The section merged into its method's dataclass, so each method takes its own knobs and no others."""
-        method = section.get("method") if section is not None else None
-        one_of(f"{self.section}.method", method, self.methods)
+        method = section.get(self.method_key) if section is not None else None
+        one_of(f"{self.section}.{self.method_key}", method, self.methods)
         return to_schema(section, self.methods[method], prefix=self.section)
 
     # --- validation ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The one train loop (with the hooks stages use), its LightningModules, callbacks and experiment tracking."""
 
-from framework.training.loop import StageHooks, extra_callbacks, train
+from framework.training.loop import StageHooks, convert, extra_callbacks, train
 
-__all__ = ["StageHooks", "extra_callbacks", "train"]
+__all__ = ["StageHooks", "convert", "extra_callbacks", "train"]

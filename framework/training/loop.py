@@ -2,7 +2,8 @@
 
 A stage changes it through `StageHooks` (prune before training, keep masks during it, quantize after
 it, distil with another objective, save in another format); checkpoints, resume, logging and the
-artifact contract are the same for all.
+artifact contract are the same for all. A stage that only converts its input to another format (an
+export) runs `convert` instead: the same artifact contract, measured in the runtime of its format.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from framework import artifacts
 from framework.config import as_plain
 from framework.data import LMDataModule, corpus_id, load_documents
 from framework.distributed import is_rank_zero, local_world_size
-from framework.evaluation import evaluate_loss, model_metrics, perplexity
-from framework.models import build_model_and_tokenizer, save_model_dir
+from framework.evaluation import SPEED_THREADS, evaluate_loss, model_metrics, perplexity
+from framework.models import build_model_and_tokenizer, count_parameters, save_model_dir
+from framework.runtimes import open_runtime
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
 from framework.training.modules import CausalLMModule
 from framework.training.tracking import build_loggers, finish, log_stage_artifact
@@ -235,12 +237,8 @@ def train(
     hooks = hooks or StageHooks()
     stage_dir = stage_dir or cfg.run_dir
     stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
-    if artifacts.is_complete(stage_dir, stage_fingerprint):
-        damage = artifacts.damaged(stage_dir)
-        if damage is None:
-            log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
-            return artifacts.read_metrics(stage_dir)
-        log.warning("%s is damaged (%s): running the stage again", stage_dir, damage)
+    if _finished(stage_dir, stage_fingerprint):
+        return artifacts.read_metrics(stage_dir)
     resume_from = resumable_checkpoint(stage_dir, stage_fingerprint)
     if is_rank_zero():
         artifacts.invalidate(stage_dir)
@@ -253,7 +251,8 @@ def train(
         cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
     )
     datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
-    val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
+    eval_blocks = evaluation_blocks(cfg, tokenizer, datamodule)
+    val_loss_start = evaluate_loss(model, eval_blocks, cfg.data.batch_size)
     model.train()  # evaluate_loss left it in eval mode, which Lightning would keep (no dropout)
     if hooks.prepare_model is not None:
         model = hooks.prepare_model(model, datamodule)
@@ -283,7 +282,7 @@ def train(
         final = merged_model(module.model).float()
         if hooks.finalize is not None:
             final = hooks.finalize(final)
-        metrics = model_metrics(final, datamodule.val_blocks(), cfg.data.batch_size)
+        metrics = model_metrics(final, eval_blocks, cfg.data.batch_size, tokenizer)
         metrics.update(val_loss_start=val_loss_start, val_ppl_start=perplexity(val_loss_start))
         if cfg.trainer.max_steps > 0:
             metrics.update(**_training_totals(trainer, throughput), train_loss=_final(trainer, "train/loss"))
@@ -299,6 +298,58 @@ def train(
         return artifacts.read_metrics(stage_dir)
     finally:
         finish(loggers)
+
+
+def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence[str], job_type: str, write_model: Callable, extra_metrics: dict | None = None) -> dict:
+    """A stage that does not train: write the input model in another format with `write_model(model,
+    tokenizer, directory)` and measure the written files in the runtime that runs them
+    (framework.runtimes.open_runtime). A finished stage is not run again."""
+    stage_dir = stage_dir or cfg.run_dir
+    stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
+    if _finished(stage_dir, stage_fingerprint):
+        return artifacts.read_metrics(stage_dir)
+    artifacts.invalidate(stage_dir)
+    started = time.perf_counter()
+    model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir)
+    eval_blocks = evaluation_blocks(cfg, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed))
+    total, nonzero = count_parameters(model)  # of the model written out: the runtime may not expose them
+
+    def measure(model_dir: str) -> dict:
+        metrics = {"params_total": total, "params_nonzero": nonzero, "sparsity": 1 - nonzero / total}
+        metrics.update(model_metrics(open_runtime(model_dir, SPEED_THREADS), eval_blocks, cfg.data.batch_size, tokenizer))
+        return {**metrics, **(extra_metrics or {}), "kind": job_type, "wall_time_s": time.perf_counter() - started}
+
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    try:
+        artifacts.write_artifact(stage_dir, lambda d: write_model(model, tokenizer, d), measure, cfg, stage_fingerprint)
+        metrics = artifacts.read_metrics(stage_dir)
+        for logger in loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
+        log.info("%s: val_ppl %.2f in %s", stage_dir, metrics["val_ppl"], metrics["runtime"])
+        return metrics
+    finally:
+        finish(loggers)
+
+
+def _finished(stage_dir: str, stage_fingerprint: str) -> bool:
+    """Whether the stage's artifact is complete, intact and made by this very config (then it is not redone)."""
+    if not artifacts.is_complete(stage_dir, stage_fingerprint):
+        return False
+    damage = artifacts.damaged(stage_dir)
+    if damage is None:
+        log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
+        return True
+    log.warning("%s is damaged (%s): running the stage again", stage_dir, damage)
+    return False
+
+
+def evaluation_blocks(cfg: DictConfig, tokenizer, datamodule: LMDataModule):
+    """The held-out blocks a stage's final metrics are measured on: the val split of `eval_data` (a
+    pipeline's evaluation set, the same for every stage) or, without it, of the stage's own data."""
+    if cfg.get("eval_data") is None:
+        return datamodule.val_blocks()
+    return LMDataModule(cfg.eval_data, tokenizer, cfg.paths.cache_dir, cfg.seed).val_blocks()
 
 
 def default_module(model, cfg: DictConfig) -> pl.LightningModule:
