@@ -20,9 +20,10 @@ from framework import artifacts
 from framework.compose import compose
 from framework.compression import pruning
 from framework.data import packed_splits
-from framework.evaluation import evaluate_loss, measure_latency, perplexity
+from framework.evaluation import PROMPT_TOKENS, evaluate_loss, measure_speed, perplexity
 from framework.hardware import describe_machine, machine_info
 from framework.models import load_model_dir, save_model_dir
+from framework.runtimes import TorchRuntime
 from framework.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -166,13 +167,13 @@ def pruning_table(size: BenchSize = FULL_SIZE, out_dir: str = BENCH_DIR, runs: S
         f"One-shot pruning (no recovery finetune) of {data_description(dense_dir, size)}, each method run as the "
         f"framework's prune stage on the same dense artifact. Sparsity is over the prunable linear layers "
         f"(embeddings and norms stay dense); stage wall time covers loading, evaluating the input, pruning "
-        f"(calibration: conf/prune defaults), evaluating, latency and saving, timed when the stage last ran. "
+        f"(calibration: conf/prune defaults), evaluating, speed and saving, timed when the stage last ran. "
         f"Machine: {describe_machine()}."
     )
     return write_table("pruning", rows, PRUNING_COLUMNS, caption, {"size": asdict(size), "load_avg_1m_before": load_before}, out_dir)
 
 
-# --- structure: fewer parameters, lower latency ----------------------------------------------------------------
+# --- structure: fewer parameters, faster decoding ----------------------------------------------------------------
 
 # (row, stage kind, overrides): structured pruning removes whole KV groups, MLP channels and layers;
 # low-rank replaces MLP matrices by two thinner ones. Both change the shapes, so both should run faster.
@@ -186,35 +187,43 @@ STRUCTURE_COLUMNS = {
     "run": "model",
     "params": "parameters",
     "params_ratio": "params ratio to dense",
-    "latency_ms_per_token": "latency (ms/token)",
-    "latency_ratio": "latency ratio to dense",
+    "prefill_ms": "prefill (ms)",
+    "decode_tokens_per_s_b1": "decode tokens/s (batch 1)",
+    "decode_ratio": "decode speed ratio to dense",
     "val_ppl": "val ppl (no recovery)",
 }
 
 
 def structure_table(size: BenchSize = FULL_SIZE, out_dir: str = BENCH_DIR, runs: Sequence[tuple] = STRUCTURE_RUNS) -> str:
-    """Structured pruning and low-rank factorization against the dense model: size and CPU latency."""
+    """Structured pruning and low-rank factorization against the dense model: size and CPU speed."""
     load_before = warn_if_busy()
     dense_dir, dense = dense_artifact(size, out_dir)
-    rows = [{"run": "dense", "params": dense["params_total"], "latency_ms_per_token": dense["latency_ms_per_token"], "val_ppl": dense["val_ppl"]}]
+    speed = ("prefill_ms", "decode_tokens_per_s_b1")
+    rows = [{"run": "dense", "params": dense["params_total"], **{k: dense[k] for k in speed}, "val_ppl": dense["val_ppl"]}]
     for label, kind, overrides in runs:
         name = f"{kind}-" + "-".join(o.split("=")[-1] for o in overrides)
         metrics = measure_stage(kind, size, os.path.join(runs_dir(size, out_dir), name), [f"input={dense_dir}", *overrides, "trainer.max_steps=0"])
-        rows.append({"run": label, "params": metrics["params_total"], "latency_ms_per_token": metrics["latency_ms_per_token"], "val_ppl": metrics["val_ppl"]})
+        rows.append({"run": label, "params": metrics["params_total"], **{k: metrics[k] for k in speed}, "val_ppl": metrics["val_ppl"]})
     for row in rows:
         row["params_ratio"] = ratio(row["params"], dense["params_total"])
-        row["latency_ratio"] = ratio(row["latency_ms_per_token"], dense["latency_ms_per_token"])
+        row["decode_ratio"] = ratio(row["decode_tokens_per_s_b1"], dense["decode_tokens_per_s_b1"])
     caption = (
         f"Structured pruning and low-rank factorization of {data_description(dense_dir, size)}, one-shot (no "
-        f"recovery finetune, so perplexity is what a recovery finetune starts from). Latency: greedy generation "
-        f"of 8 tokens after a one-block prompt, fp32, measured by each stage. Machine: {describe_machine()}."
+        f"recovery finetune, so perplexity is what a recovery finetune starts from). Speed: fp32 torch eager, one "
+        f"thread, as each stage measures it (framework.evaluation: prefill of the first val block, decode at "
+        f"batch 1, medians of repeats). Machine: {describe_machine()}."
     )
     return write_table("structure", rows, STRUCTURE_COLUMNS, caption, {"size": asdict(size), "load_avg_1m_before": load_before}, out_dir)
 
 
 # --- quantization ----------------------------------------------------------------------------------------------
 
-QUANT_METHODS = (("int8 weight-only", "int8_weight_only"), ("int8 dynamic", "int8_dynamic"))
+# (label, quantize-stage overrides): torchao's two int8 formats, and int8 in onnxruntime (the CPU default).
+QUANT_METHODS = (
+    ("int8 weight-only", ("quantize=int8_weight_only", "quantize.backend=torchao")),
+    ("int8 dynamic (torchao)", ("quantize=int8_dynamic", "quantize.backend=torchao")),
+    ("int8 dynamic (onnxruntime)", ("quantize=int8_dynamic", "quantize.backend=onnxruntime")),
+)
 
 QUANTIZATION_COLUMNS = {
     "run": "precision",
@@ -223,8 +232,9 @@ QUANTIZATION_COLUMNS = {
     "val_blocks": "val blocks",
     "val_ppl": "val ppl",
     "ppl_ratio": "ppl ratio to fp32 (same blocks)",
-    "latency_ms_per_token": "latency (ms/token)",
-    "latency_ratio": "latency ratio to fp32",
+    "runtime": "runtime",
+    "decode_tokens_per_s_b1": "decode tokens/s (batch 1)",
+    "decode_ratio": "decode speed ratio to fp32",
     "wall_time_s": "stage wall time (s)",
 }
 
@@ -243,14 +253,15 @@ def measure_bf16(dense_dir: str, tokenizer, blocks: torch.Tensor, batch_size: in
         save_model_dir(model, tokenizer, directory)  # model + tokenizer, as an artifact's model/ dir
         size_bytes = artifacts.directory_size(directory)
     loss = evaluate_loss(model, blocks, batch_size)
-    # The same prompt (the first val block) and new tokens as the stages' latency, one repeat instead of two.
-    latency = measure_latency(model, blocks[:1], repeats=1)
+    # The same prompt (the first val block) and new tokens as the stages' speed, one repeat.
+    speed = measure_speed(TorchRuntime(model), blocks[0, :PROMPT_TOKENS], repeats=1, batch_sizes=(1,))
     return {
         "size_bytes": size_bytes,
         "val_blocks": len(blocks),
         "val_ppl": perplexity(loss),
         "fp32_val_ppl_same_blocks": perplexity(fp32_loss),
-        "latency_ms_per_token": latency["latency_ms_per_token"],
+        "runtime": speed["runtime"] + " (bf16)",
+        "decode_tokens_per_s_b1": speed["decode_tokens_per_s_b1"],
         "wall_time_s": time.perf_counter() - started,
     }
 
@@ -260,19 +271,19 @@ def quantization_rows(size: BenchSize, out_dir: str, dense_dir: str, dense: dict
     cfg, tokenizer, splits = dense_data(dense_dir, size)
     val_blocks = min(size.val_blocks, len(splits["val"]))
     fp32 = {"run": "fp32", "size_bytes": dense["size_bytes"], "val_blocks": val_blocks, "val_ppl": dense["val_ppl"],
-            "latency_ms_per_token": dense["latency_ms_per_token"], "wall_time_s": None}
+            "runtime": dense["runtime"], "decode_tokens_per_s_b1": dense["decode_tokens_per_s_b1"], "wall_time_s": None}
     bf16 = {"run": "bf16", **measure_bf16(dense_dir, tokenizer, splits["val"][: min(val_blocks, size.bf16_val_blocks)], cfg.data.batch_size)}
     rows = [fp32, bf16]
-    for label, method in methods:
-        metrics = measure_stage("quantize", size, os.path.join(runs_dir(size, out_dir), f"quantize-{method}"),
-                            [f"input={dense_dir}", f"quantize={method}", "trainer.max_steps=0"])
+    for label, overrides in methods:
+        name = "quantize-" + "-".join(o.split("=")[-1] for o in overrides)
+        metrics = measure_stage("quantize", size, os.path.join(runs_dir(size, out_dir), name), [f"input={dense_dir}", *overrides, "trainer.max_steps=0"])
         rows.append({"run": label, "size_bytes": metrics["size_bytes"], "val_blocks": val_blocks, "val_ppl": metrics["val_ppl"],
-                     "latency_ms_per_token": metrics["latency_ms_per_token"], "wall_time_s": metrics["wall_time_s"]})
+                     "runtime": metrics["runtime"], "decode_tokens_per_s_b1": metrics["decode_tokens_per_s_b1"], "wall_time_s": metrics["wall_time_s"]})
     for row in rows:
         row["size_mb"] = row["size_bytes"] / 1e6
         row["size_ratio"] = ratio(row["size_bytes"], fp32["size_bytes"])
         row["ppl_ratio"] = ratio(row["val_ppl"], row.get("fp32_val_ppl_same_blocks", fp32["val_ppl"]))
-        row["latency_ratio"] = ratio(row["latency_ms_per_token"], fp32["latency_ms_per_token"])
+        row["decode_ratio"] = ratio(row["decode_tokens_per_s_b1"], fp32["decode_tokens_per_s_b1"])
     return rows
 
 
@@ -287,12 +298,13 @@ def quantization_table(size: BenchSize = FULL_SIZE, out_dir: str = BENCH_DIR, me
     bf16 = "with" if machine_info()["avx512_bf16"] or machine_info()["amx_bf16"] else "without"
     caption = (
         f"Post-training quantization of {data_description(dense_dir, size)}. int8 rows: the framework's quantize "
-        f"stage (torchao; decoder linears and embeddings) on the fp32 dense artifact. bf16: the dense model cast "
+        f"stage on the fp32 dense artifact, torchao (decoder linears and embeddings; torch eager) or onnxruntime "
+        f"(MatMulNBits int8 weights with int8 compute, the quantize stage's CPU default). bf16: the dense model cast "
         f"to bfloat16 and measured with the same functions, on its first {rows[1]['val_blocks']} val blocks only "
         f"(bf16 matmuls are slow on this CPU, {bf16} AVX-512 BF16/AMX), its ppl ratio against fp32 on those blocks, "
-        f"its latency from one generation instead of two, its wall time that of the cast, save and measurement. "
-        f"Size: the model/ directory with the tokenizer. Latency: greedy generation of 8 tokens after a "
-        f"one-block prompt (the first val block), per new token, prompt processing included. "
+        f"its speed from one repeat, its wall time that of the cast, save and measurement. "
+        f"Size: the model/ directory with the tokenizer. Decode: tokens/s at batch 1 after a prompt of the first "
+        f"val block, one thread, median of repeats (framework.evaluation). "
         f"Machine: {describe_machine()}."
     )
     return write_table("quantization", rows, QUANTIZATION_COLUMNS, caption, {"size": asdict(size), "load_avg_1m_before": load_before}, out_dir)

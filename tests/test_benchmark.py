@@ -46,7 +46,7 @@ def test_scaling_table_runs_one_and_two_processes_on_the_same_data(tmp_path):
 
 
 # --- the compression tables: the framework's stages on a toy model, 2 val blocks of 32 tokens -------------------
-# Every stage also measures generation latency (seconds, even on a toy model), so the tests run a subset of
+# Every stage also measures prefill and decode speed (seconds, even on a toy model), so the tests run a subset of
 # the rows: an unstructured method without calibration and an N:M one with it; one int8 method.
 # llama_tiny, not llama_nano: the distilled student keeps half the layers and needs at least 2.
 
@@ -100,7 +100,7 @@ def test_quantization_table_shrinks_the_model(bench_dir):
     assert list(table["columns"]) == list(QUANTIZATION_COLUMNS)
     rows = table["rows"]
     assert [row["run"] for row in rows] == ["fp32", "bf16", "int8 weight-only"]
-    assert_positive_finite(rows, ("size_ratio", "ppl_ratio", "latency_ratio", "val_ppl", "latency_ms_per_token"))
+    assert_positive_finite(rows, ("size_ratio", "ppl_ratio", "decode_ratio", "val_ppl", "decode_tokens_per_s_b1"))
     assert rows[0]["size_ratio"] == 1.0 and all(row["size_ratio"] < 1 for row in rows[1:])
 
 

@@ -54,7 +54,9 @@ def test_pipeline_runs_every_stage_and_reports_measured_numbers(finished_run):
     assert [r["stage"] for r in rows] == STAGES
     for r in rows:
         assert is_complete(r["stage_dir"]) and r["status"] == "ran"
-        assert r["val_ppl"] > 1 and r["size_mb"] > 0 and r["params_total"] > 0 and r["latency_ms_per_token"] > 0
+        assert r["val_ppl"] > 1 and r["size_mb"] > 0 and r["params_total"] > 0
+        assert r["prefill_ms"] > 0 and r["decode_tokens_per_s_b1"] > 0 and r["decode_tokens_per_s_b8"] > 0 and r["runtime"]
+        assert r["sample"].startswith("In Python, a list")
     by_stage = {r["stage"]: r for r in rows}
     assert by_stage["quantize"]["size_mb"] == min(r["size_mb"] for r in rows)
     assert by_stage["prune"]["params_nonzero"] < by_stage["finetune"]["params_nonzero"]

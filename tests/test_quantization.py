@@ -4,17 +4,18 @@ import pytest
 import torch
 import transformers
 
+from framework.artifacts import directory_size as model_size_bytes
 from framework.compression.quantization import (
+    BITS,
     METHODS,
     convert_qat,
     load_quantized,
-    model_size_bytes,
     prepare_qat,
     quantize_ptq,
     save_quantized,
 )
 
-INT8_METHODS = ("int8_weight_only", "int8_dynamic")
+INT8_METHODS = ("weight_only", "dynamic")
 
 
 def _config(vocab_size: int = 1536) -> transformers.LlamaConfig:
@@ -95,37 +96,53 @@ def test_save_load_is_small_and_exact(fp32_model, fp32_size, tokens, tmp_path, m
     assert _weight_formats(reloaded) == _weight_formats(model)
 
 
+def test_plain_transformers_loads_the_quantized_directory(fp32_model, tokens, tmp_path):
+    """The artifact is transformers' own torchao format: AutoModelForCausalLM.from_pretrained, nothing of ours."""
+    model = quantize_ptq(copy.deepcopy(fp32_model), "dynamic")
+    save_quantized(model, str(tmp_path), "dynamic")
+    assert not list(tmp_path.glob("*.pt"))  # safetensors, no pickles
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(plain.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    assert torch.equal(_logits(plain, tokens), _logits(model, tokens))
+
+
 def test_bf16_untied_model_round_trips_exactly(tmp_path):
     config = _config(vocab_size=256)
     config.tie_word_embeddings = False
     torch.manual_seed(0)
-    # .to() also casts the RoPE buffers, which a model built from the config would not have.
-    model = quantize_ptq(transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), "int8_dynamic")
+    # Built in bf16 (not .to(bf16), which would also cast the RoPE buffers that from_pretrained keeps in fp32).
+    model = quantize_ptq(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval(), "dynamic")
     assert type(model.lm_head.weight).__name__ == "Int8Tensor"
     assert type(model.model.embed_tokens.weight).__name__ == "Int8Tensor"
-    save_quantized(model, str(tmp_path), "int8_dynamic")
+    save_quantized(model, str(tmp_path), "dynamic")
     tokens = torch.randint(0, 256, (1, 8))
     assert torch.equal(_logits(load_quantized(str(tmp_path)), tokens), _logits(model, tokens))
 
 
-def test_unknown_method_lists_methods(fp32_model, tmp_path):
+def test_unknown_method_or_bits_lists_the_choices(fp32_model, tmp_path):
     for call in (
         lambda: quantize_ptq(copy.deepcopy(fp32_model), "fp2"),
         lambda: prepare_qat(copy.deepcopy(fp32_model), "fp2"),
         lambda: save_quantized(fp32_model, str(tmp_path), "fp2"),
     ):
-        with pytest.raises(ValueError, match="int8_dynamic"):
+        with pytest.raises(ValueError, match="dynamic"):
             call()
+    with pytest.raises(ValueError, match="bits"):
+        quantize_ptq(copy.deepcopy(fp32_model), "weight_only", bits=1)
 
 
-def test_int4_runs_or_raises_clear_runtime_error(fp32_model, tokens):
-    model = copy.deepcopy(fp32_model)
-    try:
-        quantize_ptq(model, "int4_weight_only", group_size=32)
-    except RuntimeError as error:
-        assert "int4_weight_only" in str(error) and "kernel" in str(error)
-        return
-    assert _relative_error(_logits(model, tokens), _logits(fp32_model, tokens)) < 0.2
+@pytest.mark.parametrize("bits", (2, 4, 6))
+def test_fewer_bits_cost_more_accuracy_and_reload_exactly(fp32_model, tokens, tmp_path, bits):
+    """b-bit weights in groups (torchao's intx): error grows as bits shrink; the layer whose input width is
+    not a multiple of the group (down_proj: 344) gets one scale per row instead."""
+    expected = _logits(fp32_model, tokens)
+    model = quantize_ptq(copy.deepcopy(fp32_model), "weight_only", bits=bits, group_size=32)
+    error = _relative_error(_logits(model, tokens), expected)
+    eight = _relative_error(_logits(quantize_ptq(copy.deepcopy(fp32_model), "weight_only"), tokens), expected)
+    assert eight < error < 1.0
+    assert type(model.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    save_quantized(model, str(tmp_path), "weight_only", bits=bits, group_size=32)
+    assert torch.equal(_logits(load_quantized(str(tmp_path)), tokens), _logits(model, tokens))
 
 
 @pytest.mark.parametrize("method", INT8_METHODS)
@@ -158,4 +175,4 @@ def test_qat_trains_then_converts_to_the_ptq_format(method):
 
 
 def test_methods_constant():
-    assert METHODS == ("int8_weight_only", "int8_dynamic", "int4_weight_only")
+    assert METHODS == ("weight_only", "dynamic") and BITS == (2, 3, 4, 5, 6, 7, 8)

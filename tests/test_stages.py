@@ -149,26 +149,44 @@ def test_sharing_recovery_finetune_keeps_the_ties_and_lowers_perplexity(trained)
 
 
 def test_int8_artifact_is_small_and_keeps_perplexity(trained):
+    """Both backends: torchao (weight-only, and dynamic when asked) and onnxruntime (int8_dynamic's CPU default)."""
     source = read_metrics(str(trained / "trained"))
-    for method in ("int8_dynamic", "int8_weight_only"):
-        metrics = run_stage("quantize", trained, f"quant_{method}", f"quantize={method}")
-        assert metrics["size_bytes"] <= 0.35 * source["size_bytes"], method
-        assert abs(metrics["val_ppl"] / source["val_ppl"] - 1) < 0.02, method
-    reloaded = load_model_dir(str(trained / "quant_int8_dynamic" / "model"))
-    assert reloaded(torch.randint(0, 100, (1, 8))).logits.shape[-1] == reloaded.config.vocab_size
+    runs = {"ort": ["quantize=int8_dynamic"], "ao_dynamic": ["quantize=int8_dynamic", "quantize.backend=torchao"], "ao_weight_only": ["quantize=int8_weight_only"]}
+    for name, overrides in runs.items():
+        metrics = run_stage("quantize", trained, f"quant_{name}", *overrides)
+        assert metrics["size_bytes"] <= 0.35 * source["size_bytes"], name
+        assert abs(metrics["val_ppl"] / source["val_ppl"] - 1) < 0.02, name
+        assert metrics["runtime"] == ("onnxruntime" if name == "ort" else "torch eager"), name
+    assert (trained / "quant_ort" / "model" / "model.onnx").is_file()
+    for name in ("ao_dynamic", "ao_weight_only"):  # plain transformers loads torchao's safetensors
+        reloaded = AutoModelForCausalLM.from_pretrained(trained / f"quant_{name}" / "model")
+        assert type(reloaded.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+        assert reloaded(torch.randint(0, 100, (1, 8))).logits.shape[-1] == reloaded.config.vocab_size
 
 
 def test_qat_beats_ptq_at_the_same_format(trained):
-    ptq = run_stage("quantize", trained, "ptq", "quantize=int8_dynamic")
+    ptq = run_stage("quantize", trained, "ptq", "quantize=int8_dynamic", "quantize.backend=torchao")
     qat = run_stage("quantize", trained, "qat", "quantize=qat_int8_dynamic", "trainer.max_steps=10", "optimizer.lr=1e-4")
+    assert qat["backend"] == ptq["backend"] == "torchao"
     assert qat["val_ppl"] < ptq["val_ppl"]
     assert qat["size_bytes"] == pytest.approx(ptq["size_bytes"], rel=0.01)
 
 
-def test_int4_without_its_kernel_is_a_clear_error(trained):
-    with pytest.raises(ConfigError, match="int4_weight_only is not available on this machine"):
-        run_stage("quantize", trained, "int4", "quantize=int4_weight_only")
-    assert not is_complete(str(trained / "int4"))
+def test_fewer_bits_cost_perplexity_in_both_backends(trained):
+    """quantize.bits: 4-bit weights lose more than 8-bit ones, in torchao (intx, groups of 32) and onnxruntime."""
+    ao4 = run_stage("quantize", trained, "ao4", "quantize=int4_weight_only")
+    ao8 = read_metrics(str(trained / "quant_ao_weight_only")) if (trained / "quant_ao_weight_only").is_dir() else run_stage("quantize", trained, "ao8", "quantize=int8_weight_only")
+    assert ao4["quantization"] == "int4_weight_only" and ao4["val_ppl"] > ao8["val_ppl"]
+    ort4 = run_stage("quantize", trained, "ort4", "quantize=int8_dynamic", "quantize.bits=4")
+    ort8 = run_stage("quantize", trained, "ort8", "quantize=int8_dynamic")
+    assert ort4["val_ppl"] > ort8["val_ppl"] and ort4["size_bytes"] < ort8["size_bytes"]
+
+
+def test_onnxruntime_backend_refuses_what_it_cannot_run(trained):
+    for overrides, key in ((["quantize=int8_weight_only", "quantize.backend=onnxruntime"], "quantize.method"), (["quantize=int8_dynamic", "quantize.bits=3", "quantize.backend=onnxruntime"], "quantize.bits")):
+        with pytest.raises(ConfigError, match=key):
+            run_stage("quantize", trained, "refused", *overrides)
+    assert not (trained / "refused").exists()
 
 
 def test_distilled_student_beats_the_same_student_trained_alone(trained):

@@ -53,7 +53,7 @@ def test_artifact_reloads_in_transformers_with_identical_logits(train_config, tm
     assert is_complete(str(stage_dir))
     assert {"model", "metrics.json", "config.yaml", "fingerprint", "COMPLETE", "checkpoints"} <= set(os.listdir(stage_dir))
     metrics = read_metrics(str(stage_dir))
-    for key in ("val_loss", "val_ppl", "params_total", "params_nonzero", "sparsity", "size_bytes", "latency_ms_per_token", "tokens_per_s", "train_tokens_per_s", "wall_time_s"):
+    for key in ("val_loss", "val_ppl", "params_total", "params_nonzero", "sparsity", "size_bytes", "runtime", "prefill_ms", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8", "train_tokens_per_s", "wall_time_s"):
         assert key in metrics, key
     reloaded = AutoModelForCausalLM.from_pretrained(stage_dir / "model").eval()
     in_memory = capture.model.float().eval()

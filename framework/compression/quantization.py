@@ -187,11 +187,16 @@ def save_quantized(model: nn.Module, directory: str, method: str, bits: int = 8,
     layout = {"_default": linear_config(method, bits, group_size), "model.embed_tokens": Int8WeightOnlyConfig()}
     if not _is_tied(model) and model.get_output_embeddings() is not None:
         layout["lm_head"] = Int8WeightOnlyConfig()
+    # The dtype of the plain parameters (norms): from_pretrained builds the model in it, so a bf16 model
+    # reloads as bf16 (the quantized tensors remember their own).
+    plain = next(p for p in model.parameters() if type(p.data) is torch.Tensor)
+    dtype, model.config.dtype = model.config.dtype, plain.dtype
     model.config.quantization_config = TorchAoConfig(FqnToConfig(layout), include_input_output_embeddings=True)
     try:
         model.config.save_pretrained(directory)
-    finally:
-        del model.config.quantization_config  # the model in memory stays as it was
+    finally:  # the model in memory stays as it was
+        del model.config.quantization_config
+        model.config.dtype = dtype
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
