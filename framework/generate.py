@@ -20,14 +20,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework import artifacts
-from framework.config import GenerateConfig, in_range, positive, to_schema
+from framework.config import GenerateConfig, in_range, positive, to_schema, unknown_key_message
 from framework.errors import ConfigError
 from framework.runtimes import generate_ids, open_runtime
 
 
 def check(cfg: DictConfig) -> DictConfig:
     """The typed config, every value checked, the input an intact artifact (of any format)."""
-    typed = to_schema(OmegaConf.create({k: cfg[k] for k in GenerateConfig.__dataclass_fields__ if k in cfg}), GenerateConfig)
+    keys = list(GenerateConfig.__dataclass_fields__)
+    unknown = [k for k in cfg if k not in keys]
+    if unknown:  # `+foo=1` on the command line: Hydra adds it, nothing would read it
+        raise ConfigError(unknown[0], unknown_key_message(unknown[0], keys))
+    typed = to_schema(OmegaConf.create({k: cfg[k] for k in keys if k in cfg}), GenerateConfig)
     if not typed.input:
         raise ConfigError("input", "name an artifact (a stage's directory): input=<dir>")
     if not typed.prompt:

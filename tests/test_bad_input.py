@@ -136,6 +136,23 @@ CASES = [
     ("share", ["input={artifact}", "share.group_size=9"], "share.group_size", "2 layers"),
     ("share", ["input={artifact}", "share.init=median"], "share.init", "mean, first"),
     ("share", ["input={lowrank}"], "input", "holds a lowrank model"),
+    # --- export: what a format cannot hold, refused before any work ---
+    ("export", ["input={quantized}", "export=gguf"], "input", "holds a quantized model"),
+    ("export", ["input={quantized}", "export=onnx"], "input", "holds a quantized model"),
+    ("export", ["input={artifact}", "export=gguf", "export.outtype=Q5_K"], "export.outtype", "not one of"),
+    ("export", ["input={artifact}", "export=onnx", "export.bits=3"], "export.bits", "MatMulNBits"),
+    ("export", ["input={artifact}", "export=onnx", "export.group_size=24"], "export.group_size", "power of 2"),
+    ("export", ["input={artifact}", "export=tflite"], "export", "options:"),
+    ("export", ["input={artifact}", "trainer.max_steps=5"], "trainer.max_steps", "does not train"),
+    ("export", [], "input", "input="),
+    # --- generate ---
+    ("generate", [], "input", "input=<dir>"),
+    ("generate", ["input={artifact}"], "prompt", "prompt="),
+    ("generate", ["input={artifact}", "prompt=hi", "max_new_tokens=0"], "max_new_tokens", ">= 1"),
+    ("generate", ["input={artifact}", "prompt=hi", "temperature=-1"], "temperature", ">= 0"),
+    ("generate", ["input={artifact}", "prompt=hi", "top_p=0"], "top_p", "(0, 1]"),
+    ("generate", ["input={plain_dir}", "prompt=hi"], "input", "not a complete artifact"),
+    ("generate", ["input={artifact}", "prompt=hi", "+max_new_token=3"], "max_new_token", "max_new_tokens"),
     # --- evaluate ---
     ("evaluate", [], "input", "input=<dir>"),
     ("evaluate", ["input={plain_dir}"], "input", "not a complete artifact"),
@@ -181,7 +198,7 @@ def arguments_of(recipe: str, args: list[str], inputs, run_dir) -> list[str]:
         arguments = ["experiment=tiny_pipeline", *arguments]
     elif recipe in ("train", "distill"):  # a small model, unless the case picks one
         arguments = [*(COMMON if any(a.startswith("model=") for a in arguments) else FAST), *QUICK, *arguments]
-    else:
+    elif recipe != "generate":  # generate reads no data and trains nothing
         arguments = [*QUICK, *arguments]
     return [*arguments, f"run_dir={run_dir}"]
 
@@ -219,7 +236,7 @@ def outcomes(inputs, tmp_path_factory):
 
 def test_there_are_at_least_eighty_cases_across_every_recipe():
     assert len(CASES) >= 80
-    assert {recipe for recipe, *_ in CASES} >= {"train", "prune", "quantize", "lowrank", "distill", "share", "evaluate", "pipeline"}
+    assert {recipe for recipe, *_ in CASES} >= {"train", "prune", "quantize", "lowrank", "distill", "share", "export", "generate", "evaluate", "pipeline"}
 
 
 def test_no_case_changed_its_inputs(outcomes):
