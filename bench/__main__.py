@@ -13,7 +13,7 @@ import warnings
 
 from framework.environment import quiet_libraries
 
-TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation")
+TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation", "deployment")
 
 
 def parse_tables(text: str) -> list[str]:
@@ -39,7 +39,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     from transformers.utils.logging import disable_progress_bar
 
-    from bench import compression, training
+    from bench import compression, deployment, training
 
     disable_progress_bar()
     size = compression.QUICK_SIZE if args.quick else compression.FULL_SIZE
@@ -48,6 +48,8 @@ def main() -> None:
             print(training.train_table(training.QUICK_TRAIN_STEPS if args.quick else training.TRAIN_STEPS))
         elif table == "scaling":
             print(training.scaling_table(steps=(2, 5) if args.quick else training.SCALING_STEPS))
+        elif table == "deployment":
+            print(deployment.deployment_table(size, rounds=2 if args.quick else deployment.ROUNDS))
         else:
             print(getattr(compression, f"{table}_table")(size))
 

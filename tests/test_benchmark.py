@@ -115,3 +115,21 @@ def test_distillation_table_trains_both_students(bench_dir):
     assert kd["params"] == alone["params"] < teacher["params"]
     assert kd["train_steps"] == alone["train_steps"] == 2
     assert "2 steps of batch 4" in table["caption"]
+
+
+def test_deployment_table_has_every_format_and_measures_the_runtimes(bench_dir):
+    from bench.deployment import DEPLOYMENT_COLUMNS, EXPORTS, deployment_table
+
+    exports = [e for e in EXPORTS if e[0] in ("GGUF Q8_0", "ONNX int8")]
+    deployment_table(TOY_SIZE, str(bench_dir), exports, rounds=2)
+
+    table = read_table(bench_dir, "deployment")
+    assert list(table["columns"]) == list(DEPLOYMENT_COLUMNS)
+    rows = {row["run"]: row for row in table["rows"]}
+    assert list(rows) == ["torch fp32", "torch bf16", "GGUF Q8_0", "ONNX int8"]
+    timed = [rows[name] for name in ("torch fp32", "torch bf16", "ONNX int8")]
+    assert_positive_finite(timed, ("prefill_ms", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8", "decode_b1_ratio", "decode_b1_spread"))
+    assert rows["torch bf16"]["decode_b1_ratio"] == 1.0 and rows["ONNX int8"]["runtime"] == "onnxruntime"
+    assert "prefill_ms" not in rows["GGUF Q8_0"]  # llama.cpp's to time, not ours
+    assert rows["ONNX int8"]["size_ratio"] < 0.75 and rows["GGUF Q8_0"]["size_ratio"] < 0.75  # against bf16
+    assert "interleaved rounds" in table["caption"]
