@@ -31,7 +31,7 @@ SMALL = [
     "pipeline.stages.distill.distill.num_layers=2",
     "+pipeline.stages.distill.distill.intermediate_ratio=0.5",
 ]
-STAGES = ["pretrain", "finetune", "prune", "quantize", "distill"]
+STAGES = ["pretrain", "finetune", "prune", "quantize", "distill", "export"]
 
 
 def pipeline_config(run_dir, *overrides):
@@ -58,7 +58,9 @@ def test_pipeline_runs_every_stage_and_reports_measured_numbers(finished_run):
         assert r["prefill_ms"] > 0 and r["decode_tokens_per_s_b1"] > 0 and r["decode_tokens_per_s_b8"] > 0 and r["runtime"]
         assert r["sample"].startswith("In Python, a list")
     by_stage = {r["stage"]: r for r in rows}
-    assert by_stage["quantize"]["size_mb"] == min(r["size_mb"] for r in rows)
+    assert by_stage["quantize"]["size_mb"] < 0.35 * by_stage["prune"]["size_mb"]
+    assert by_stage["export"]["size_mb"] < 0.4 * by_stage["distill"]["size_mb"] and by_stage["export"]["runtime"] == "onnxruntime"
+    assert (run_dir / "export" / "model" / "model.onnx").is_file()
     assert by_stage["prune"]["params_nonzero"] < by_stage["finetune"]["params_nonzero"]
     assert read_metrics(str(run_dir / "prune"))["prunable_sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert by_stage["distill"]["params_total"] < by_stage["finetune"]["params_total"]
@@ -99,9 +101,10 @@ def test_wandb_offline_has_one_run_per_stage_in_one_group_with_lineage(finished_
             if record.HasField("artifact"):
                 artifacts[record.artifact.name] = json.loads(record.artifact.metadata)
     assert {run.run_group for run in runs.values()} == {"pipeline-tiny"}
-    assert {stage: run.job_type for stage, run in runs.items()} == {s: s if s in ("prune", "quantize", "distill") else "train" for s in STAGES}
+    assert {stage: run.job_type for stage, run in runs.items()} == {s: s if s in ("prune", "quantize", "distill", "export") else "train" for s in STAGES}
     assert artifacts["pipeline-tiny-prune"]["uses"] == ["pipeline-tiny-finetune"]
     assert artifacts["pipeline-tiny-distill"]["uses"] == ["pipeline-tiny-finetune"]
+    assert artifacts["pipeline-tiny-export"]["uses"] == ["pipeline-tiny-distill"]
     assert artifacts["pipeline-tiny-quantize"]["metrics"]["val_ppl"] > 1
 
 
@@ -115,13 +118,13 @@ def test_second_identical_run_trains_nothing(finished_run):
     assert time.perf_counter() - started < 30
 
 
-def test_changing_quantize_reruns_quantize_and_distill_only(finished_run):
+def test_changing_quantize_reruns_quantize_and_the_stages_after_it_only(finished_run):
     run_dir, _ = finished_run
     before = completion_times(run_dir)
     rows = run_pipeline(pipeline_config(run_dir, "pipeline.stages.quantize.groups.quantize=int8_dynamic"))
     after = completion_times(run_dir)
-    assert [r["stage"] for r in rows if not r["cached"]] == ["quantize", "distill"]
-    assert {s for s in STAGES if after[s] != before[s]} == {"quantize", "distill"}
+    assert [r["stage"] for r in rows if not r["cached"]] == ["quantize", "distill", "export"]
+    assert {s for s in STAGES if after[s] != before[s]} == {"quantize", "distill", "export"}
     assert read_metrics(str(run_dir / "quantize"))["quantization"] == "int8_dynamic"
 
 
