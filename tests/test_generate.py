@@ -21,7 +21,7 @@ KINDS = {
     "lowrank": ("lowrank", ["lowrank.energy=null", "lowrank.rank=8"]),
     "shared": ("share", ["share.group_size=2"]),
     "quantized_torchao": ("quantize", ["quantize=int8_weight_only"]),
-    "quantized_onnx": ("quantize", ["quantize=int8_dynamic"]),
+    "quantized_onnx": ("quantize", ["quantize=int8_dynamic", "quantize.backend=onnxruntime"]),
     "distilled": ("distill", ["distill.num_layers=2", "trainer.max_steps=3"]),
     "gguf": ("export", ["export=gguf", "export.outtype=Q8_0"]),
     "onnx": ("export", ["export=onnx", "export.bits=8"]),

@@ -176,3 +176,18 @@ def test_qat_trains_then_converts_to_the_ptq_format(method):
 
 def test_methods_constant():
     assert METHODS == ("weight_only", "dynamic") and BITS == (2, 3, 4, 5, 6, 7, 8)
+
+
+def test_auto_backend_is_onnxruntime_for_int8_compute_on_a_cpu_and_torchao_on_cuda():
+    """torchao's int8 runs slower than fp32 on a CPU (eager); onnxruntime's int8 kernels run faster."""
+    from omegaconf import OmegaConf
+
+    from framework.stages.quantize import QuantizeConfig, resolve_backend
+
+    def backend(cuda, **values):
+        return resolve_backend(OmegaConf.structured(QuantizeConfig(**values)), cuda)
+
+    assert backend(False) == "onnxruntime" and backend(True) == "torchao"
+    assert backend(False, method="weight_only") == "torchao"  # weight-only: fp compute, nothing for onnxruntime to speed up
+    assert backend(False, bits=3) == "torchao" and backend(False, qat=True) == "torchao"
+    assert backend(False, backend="torchao") == "torchao"

@@ -151,7 +151,7 @@ def test_sharing_recovery_finetune_keeps_the_ties_and_lowers_perplexity(trained)
 def test_int8_artifact_is_small_and_keeps_perplexity(trained):
     """Both backends: torchao (weight-only, and dynamic when asked) and onnxruntime (int8_dynamic's CPU default)."""
     source = read_metrics(str(trained / "trained"))
-    runs = {"ort": ["quantize=int8_dynamic"], "ao_dynamic": ["quantize=int8_dynamic", "quantize.backend=torchao"], "ao_weight_only": ["quantize=int8_weight_only"]}
+    runs = {"ort": ["quantize=int8_dynamic", "quantize.backend=onnxruntime"], "ao_dynamic": ["quantize=int8_dynamic", "quantize.backend=torchao"], "ao_weight_only": ["quantize=int8_weight_only"]}
     for name, overrides in runs.items():
         metrics = run_stage("quantize", trained, f"quant_{name}", *overrides)
         assert metrics["size_bytes"] <= 0.35 * source["size_bytes"], name
@@ -179,7 +179,7 @@ def test_fewer_bits_in_both_backends(trained):
     ao4 = run_stage("quantize", trained, "ao4", "quantize=int4_weight_only")
     assert ao4["quantization"] == "int4_weight_only" and ao4["backend"] == "torchao"
     assert type(AutoModelForCausalLM.from_pretrained(trained / "ao4" / "model").model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
-    ort = {bits: run_stage("quantize", trained, f"ort{bits}", "quantize=int8_dynamic", f"quantize.bits={bits}") for bits in (2, 4, 8)}
+    ort = {bits: run_stage("quantize", trained, f"ort{bits}", "quantize=int8_dynamic", "quantize.backend=onnxruntime", f"quantize.bits={bits}") for bits in (2, 4, 8)}
     assert ort[2]["size_bytes"] < ort[4]["size_bytes"] < ort[8]["size_bytes"]
     assert all(m["runtime"] == "onnxruntime" and m["quantization"] == f"int{bits}_dynamic" for bits, m in ort.items())
 
