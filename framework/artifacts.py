@@ -29,12 +29,13 @@ MODEL = "model"
 MANIFEST = "manifest.json"  # size and sha256 of every file of the artifact, written just before COMPLETE
 
 # What a model/ directory holds, told by the file that only that format writes (checked in this order):
-# torchao-quantized, low-rank, layer-shared, ONNX (framework.export.onnx), GGUF, dense HF.
+# ONNX (framework.export.onnx; first: the quantize stage's onnxruntime backend may add a torchao copy for plain
+# transformers), torchao-quantized, low-rank, layer-shared, GGUF, dense HF.
 FORMAT_MARKERS = (
+    ("onnx", "model.onnx"),
     ("quantized", "quantization.json"),
     ("lowrank", "lowrank.json"),
     ("shared", "sharing.json"),
-    ("onnx", "model.onnx"),
     ("gguf", "*.gguf"),
     ("dense", "config.json"),
 )

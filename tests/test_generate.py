@@ -52,6 +52,17 @@ def test_generate_works_on_every_artifact_kind(made, name):
     assert result["runtime"] == {"gguf": "torch eager (GGUF dequantized to fp32 by transformers)", "onnx": "onnxruntime", "quantized_onnx": "onnxruntime"}.get(name, "torch eager")
 
 
+def test_the_cpu_int8_artifact_also_loads_in_plain_transformers(made):
+    """quantize=int8_dynamic on a CPU runs in onnxruntime; its directory holds the torchao copy too."""
+    plain = AutoModelForCausalLM.from_pretrained(made["quantized_onnx"]).eval()
+    assert type(plain.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    ids = AutoTokenizer.from_pretrained(made["quantized_onnx"])(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch_logits = plain(input_ids=ids).logits
+    ort_logits = open_runtime(str(made["quantized_onnx"])).logits(ids)
+    assert torch.equal(torch_logits.argmax(-1), ort_logits.argmax(-1))  # the same int8 model, two runtimes
+
+
 def test_greedy_decoding_with_the_cache_matches_transformers_generate(made):
     """prefill + one-token decode steps through the KV cache give transformers' own greedy continuation."""
     model = AutoModelForCausalLM.from_pretrained(made["dense"]).eval()

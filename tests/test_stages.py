@@ -154,11 +154,14 @@ def test_int8_artifact_is_small_and_keeps_perplexity(trained):
     runs = {"ort": ["quantize=int8_dynamic", "quantize.backend=onnxruntime"], "ao_dynamic": ["quantize=int8_dynamic", "quantize.backend=torchao"], "ao_weight_only": ["quantize=int8_weight_only"]}
     for name, overrides in runs.items():
         metrics = run_stage("quantize", trained, f"quant_{name}", *overrides)
-        assert metrics["size_bytes"] <= 0.35 * source["size_bytes"], name
+        model = trained / f"quant_{name}" / "model"
+        # The onnxruntime artifact also holds a torchao copy for plain transformers: the ONNX files alone count here.
+        runtime_bytes = sum(f.stat().st_size for f in model.glob("model.onnx*")) if name == "ort" else metrics["size_bytes"]
+        assert runtime_bytes <= 0.35 * source["size_bytes"], name
         assert abs(metrics["val_ppl"] / source["val_ppl"] - 1) < 0.02, name
         assert metrics["runtime"] == ("onnxruntime" if name == "ort" else "torch eager"), name
     assert (trained / "quant_ort" / "model" / "model.onnx").is_file()
-    for name in ("ao_dynamic", "ao_weight_only"):  # plain transformers loads torchao's safetensors
+    for name in ("ort", "ao_dynamic", "ao_weight_only"):  # plain transformers loads torchao's safetensors
         reloaded = AutoModelForCausalLM.from_pretrained(trained / f"quant_{name}" / "model")
         assert type(reloaded.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
         assert reloaded(torch.randint(0, 100, (1, 8))).logits.shape[-1] == reloaded.config.vocab_size

@@ -2,7 +2,8 @@
 time, through the backend that makes them pay off where the model will run:
 
   onnxruntime  (quantize.backend=auto on a CPU) an ONNX model whose MatMuls run int8 x int`bits` dot
-               products (MatMulNBits, 2, 4 or 8 bits): smaller and faster than fp32 torch on a CPU
+               products (MatMulNBits, 2, 4 or 8 bits): smaller and faster than fp32 torch on a CPU; at 8 bits
+               (quantize.hf_copy) the directory also holds the torchao int8 model, for plain transformers
   torchao      (auto on CUDA, for weight-only and QAT, or when asked) torchao tensors that plain
                transformers loads; fast on GPUs, slower than fp32 on a CPU (an accuracy format there)
 
@@ -35,6 +36,9 @@ class QuantizeConfig:
     group_size: int = 32  # weights quantized in groups of this many inputs (torchao below 8 bits; onnxruntime always)
     backend: str = "auto"  # auto: onnxruntime on a CPU for dynamic 2/4/8 bits, else torchao | torchao | onnxruntime
     qat: bool = False  # fake-quantized finetune for trainer.max_steps, then conversion (torchao)
+    # onnxruntime backend, 8 bits: also write the same int8 model as torchao safetensors beside the ONNX graph, so
+    # that plain `AutoModelForCausalLM.from_pretrained(dir)` loads the artifact too (about doubles its size).
+    hf_copy: bool = True
 
 
 def resolve_backend(q: DictConfig, cuda: bool) -> str:
@@ -98,6 +102,8 @@ class QuantizeStage(Stage):
         if q.backend == "onnxruntime":
             def write(model, tokenizer, directory):
                 export_onnx(model, directory, bits=q.bits, block_size=q.group_size)
+                if q.hf_copy and q.bits == 8:  # after the export, which traced the fp32 model
+                    self.save(quantization.quantize_ptq(model, "dynamic", 8), tokenizer, directory, q)
                 tokenizer.save_pretrained(directory)
 
             return convert(cfg, stage_dir, inputs, "quantize", write, label)
