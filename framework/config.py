@@ -25,6 +25,11 @@ from framework.errors import ConfigError
 
 
 @dataclass
+class TaskConfig:
+    name: str = "causal_lm"  # causal_lm: next-token prediction | classification: a label per text (or text pair)
+
+
+@dataclass
 class ModelConfig:
     name: str = "model"
     arch: str = "llama"  # llama | gpt2 (from scratch) | pretrained (HF dir, GGUF or hub id) | artifact (a stage's output)
@@ -40,6 +45,7 @@ class ModelConfig:
     tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | pretrained | a tokenizer directory
     path: Optional[str] = None  # pretrained: HF directory, directory holding gguf_file, or hub id; artifact: its directory
     gguf_file: Optional[str] = None
+    archive: Optional[str] = None  # pretrained: a zip in `path` holding the model files (extracted once into the cache)
 
 
 @dataclass
@@ -48,6 +54,10 @@ class DataConfig:
     source: str = "stdlib_docs"
     paths: list[str] = field(default_factory=list)  # text_files: .txt / .jsonl / .parquet files
     text_field: str = "text"
+    text_pair_field: Optional[str] = None  # classification: a second text per example (sentence pairs)
+    label_field: str = "label"  # classification: the label column (names or integers)
+    val_paths: list[str] = field(default_factory=list)  # validation files (else a split of `paths` by hash)
+    topics: list[str] = field(default_factory=list)  # stdlib_topics: the standard library packages to tell apart
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"
@@ -159,6 +169,7 @@ class PathsConfig:
 class StageConfig:
     """What every stage's config holds; a stage kind adds its own section (framework/stages/<kind>.py)."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -189,6 +200,7 @@ class PipelineConfig:
     pipeline: Any = None  # {name, stages: {stage name: {kind, input, teacher, groups, <config values>}}}
     common: Any = field(default_factory=dict)
     # Every stage runs with these unless its own groups choose otherwise.
+    task: TaskConfig = field(default_factory=TaskConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     trainer: HardwareConfig = field(default_factory=HardwareConfig)

@@ -58,3 +58,69 @@ def model_metrics(model: torch.nn.Module, val_blocks: torch.Tensor, batch_size: 
     if latency:
         metrics.update(measure_latency(model, val_blocks[:1]))
     return metrics
+
+
+# --- sequence classification -----------------------------------------------------------------------------------
+
+
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and Matthews correlation of predictions against labels (torchmetrics)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_matthews_corrcoef
+
+    predictions = logits.argmax(-1)
+    return {
+        "accuracy": float(multiclass_accuracy(predictions, labels, num_classes, average="micro")),
+        "macro_f1": float(multiclass_f1_score(predictions, labels, num_classes, average="macro")),
+        "mcc": float(multiclass_matthews_corrcoef(predictions, labels, num_classes)),
+    }
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a classifier over batches of tokenized examples with their labels."""
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        labels.append(batch["labels"])
+        logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float())
+    return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def latency_per_example(model: torch.nn.Module, examples: list[dict], repeats: int = 3) -> float:
+    """Median milliseconds to classify one example at batch 1 (torch eager), after a warm-up."""
+    model.eval()
+    inputs = [{k: torch.tensor([v]) for k, v in e.items() if k != "labels"} for e in examples]
+    model(**inputs[0])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for one in inputs:
+            model(**one)
+        times.append((time.perf_counter() - start) / len(inputs))
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def classification_metrics(model: torch.nn.Module, datamodule, latency: bool = True) -> dict:
+    """The model half of a classifier's metrics.json: loss, accuracy, macro-F1, MCC, the confusion matrix
+    (rows: true class, columns: predicted), parameters, and CPU latency per example."""
+    logits, labels = predict(model, datamodule.val_dataloader())
+    num_classes = model.config.num_labels
+    scores = classification_scores(logits, labels, num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
+    total, nonzero = count_parameters(model)
+    metrics = {
+        "val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        **{f"val_{name}": value for name, value in scores.items()},
+        "val_examples": len(labels),
+        "majority_accuracy": datamodule.majority_accuracy,
+        "labels": list(datamodule.labels),
+        "confusion_matrix": confusion.tolist(),
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "sparsity": 1 - nonzero / total,
+    }
+    if latency:
+        metrics["latency_ms_per_example"] = latency_per_example(model, datamodule.val[:16])
+    return metrics

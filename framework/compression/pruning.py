@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Where the list of transformer blocks lives: HF Llama-like, GPT-2, and their bare base models.
-_BLOCK_LISTS = ("model.layers", "transformer.h", "layers", "h")
+# Where the list of transformer blocks lives: HF Llama-like, GPT-2, BERT-like encoders, and their bare base models.
+_BLOCK_LISTS = ("model.layers", "transformer.h", "encoder.layer", "layers", "h", "layer")
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 

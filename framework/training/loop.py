@@ -24,12 +24,10 @@ from omegaconf import DictConfig
 
 from framework import artifacts
 from framework.config import as_plain
-from framework.data import LMDataModule, corpus_id, load_documents
 from framework.distributed import is_rank_zero, local_world_size
-from framework.evaluation import evaluate_loss, model_metrics, perplexity
-from framework.models import build_model_and_tokenizer, save_model_dir
+from framework.models import save_model_dir
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
-from framework.training.modules import CausalLMModule
+from framework.training.tasks import TASKS
 from framework.training.tracking import build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
@@ -157,7 +155,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
     )
 
 
-def apply_lora(model, finetune_cfg: DictConfig):
+def apply_lora(model, finetune_cfg: DictConfig, task: str):
     from peft import LoraConfig, get_peft_model
 
     target = finetune_cfg.target_modules
@@ -166,7 +164,7 @@ def apply_lora(model, finetune_cfg: DictConfig):
         lora_alpha=finetune_cfg.alpha,
         lora_dropout=finetune_cfg.dropout,
         target_modules=target if isinstance(target, str) else list(target),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",  # SEQ_CLS keeps the new head trainable
     )
     return get_peft_model(model, lora)
 
@@ -248,18 +246,15 @@ def train(
     started = time.perf_counter()
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    documents = load_documents(cfg.data)
-    model, tokenizer = build_model_and_tokenizer(
-        cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
-    )
-    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
-    val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
-    model.train()  # evaluate_loss left it in eval mode, which Lightning would keep (no dropout)
+    task = TASKS[cfg.task.name]
+    model, tokenizer, datamodule = task.build(cfg)
+    start_metrics = task.start(model, datamodule, cfg)
+    model.train()  # the evaluation left it in eval mode, which Lightning would keep (no dropout)
     if hooks.prepare_model is not None:
         model = hooks.prepare_model(model, datamodule)
     if cfg.finetune.method == "lora":
-        model = apply_lora(model, cfg.finetune)
-    module = (hooks.module_factory or default_module)(model, cfg)
+        model = apply_lora(model, cfg.finetune, task.name)
+    module = (hooks.module_factory or task.module)(model, cfg)
     # model_parallel shards the weights in place during fit; a plain copy receives them back afterwards.
     unsharded = copy.deepcopy(module.model) if cfg.strategy.name == "model_parallel" else None
 
@@ -283,8 +278,7 @@ def train(
         final = merged_model(module.model).float()
         if hooks.finalize is not None:
             final = hooks.finalize(final)
-        metrics = model_metrics(final, datamodule.val_blocks(), cfg.data.batch_size)
-        metrics.update(val_loss_start=val_loss_start, val_ppl_start=perplexity(val_loss_start))
+        metrics = {**task.evaluate(final, datamodule, cfg), **start_metrics}
         if cfg.trainer.max_steps > 0:
             metrics.update(**_training_totals(trainer, throughput), train_loss=_final(trainer, "train/loss"))
         if hooks.extra_metrics is not None:
@@ -295,14 +289,10 @@ def train(
         for logger in loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
-        log.info("%s: val_ppl %.2f (was %.2f)", stage_dir, metrics["val_ppl"], metrics["val_ppl_start"])
+        log.info("%s: %s %.4g (was %.4g)", stage_dir, task.measure, metrics[task.measure], metrics[f"{task.measure}_start"])
         return artifacts.read_metrics(stage_dir)
     finally:
         finish(loggers)
-
-
-def default_module(model, cfg: DictConfig) -> pl.LightningModule:
-    return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
 
 
 def _training_totals(trainer: pl.Trainer, throughput: Throughput) -> dict:

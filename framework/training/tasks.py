@@ -1,0 +1,61 @@
+"""What depends on the task (causal_lm or classification): the model, tokenizer and data a stage starts
+from, the LightningModule that trains it, and the numbers that measure it. The train loop asks the task
+and stays the same for both."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from framework.data import LMDataModule, corpus_id, load_documents
+from framework.evaluation import classification_metrics, evaluate_loss, model_metrics, perplexity, predict
+from framework.labeled import LabeledDataModule
+from framework.models import build_classifier, build_model_and_tokenizer, classifier_tokenizer, model_labels
+from framework.training.classification import ClassificationModule
+from framework.training.modules import CausalLMModule
+
+
+class CausalLMTask:
+    name = "causal_lm"
+    measure = "val_ppl"  # the headline number: perplexity on the val split, lower is better
+
+    def build(self, cfg: DictConfig):
+        documents = load_documents(cfg.data)
+        corpus = (lambda: (text for _, text in documents), corpus_id(cfg.data))  # only a new BPE tokenizer reads it
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=corpus)
+        return model, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
+
+    def module(self, model, cfg: DictConfig):
+        return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+
+    def start(self, model, datamodule, cfg: DictConfig) -> dict:
+        loss = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
+        return {"val_loss_start": loss, "val_ppl_start": perplexity(loss)}
+
+    def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
+        return model_metrics(model, datamodule.val_blocks(), cfg.data.batch_size)
+
+
+class ClassificationTask:
+    name = "classification"
+    measure = "val_accuracy"
+
+    def build(self, cfg: DictConfig):
+        tokenizer = classifier_tokenizer(cfg.model, cfg.paths.cache_dir)
+        # A classifier made by an earlier stage knows its classes; otherwise the training data names them.
+        datamodule = LabeledDataModule(cfg.data, tokenizer, cfg.seed, labels=model_labels(cfg.model))
+        return build_classifier(cfg.model, cfg.paths.cache_dir, datamodule.labels, tokenizer), tokenizer, datamodule
+
+    def module(self, model, cfg: DictConfig):
+        return ClassificationModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+
+    def start(self, model, datamodule, cfg: DictConfig) -> dict:
+        from framework.evaluation import classification_scores
+
+        logits, labels = predict(model, datamodule.val_dataloader())
+        return {"val_accuracy_start": classification_scores(logits, labels, model.config.num_labels)["accuracy"]}
+
+    def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
+        return classification_metrics(model, datamodule)
+
+
+TASKS = {task.name: task for task in (CausalLMTask(), ClassificationTask())}
