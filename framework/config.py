@@ -27,6 +27,7 @@ from framework.errors import ConfigError
 @dataclass
 class TaskConfig:
     name: str = "causal_lm"  # causal_lm: next-token prediction | classification: a label per text (or text pair)
+    lr: Optional[float] = None  # every stage's default learning rate for this task (null: each stage's own)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -124,3 +125,27 @@ def classification_metrics(model: torch.nn.Module, datamodule, latency: bool = T
     if latency:
         metrics["latency_ms_per_example"] = latency_per_example(model, datamodule.val[:16])
     return metrics
+
+
+def plot_confusion(path: str, matrix: list[list[int]], labels: list[str]) -> None:
+    """The confusion matrix as a PNG (rows: true class, columns: predicted), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (val)")
+    top = max(max(r) for r in matrix) or 1
+    for i, r in enumerate(matrix):
+        for j, count in enumerate(r):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -15,6 +15,9 @@ COLUMNS = [  # (key, header, format)
     ("params_nonzero", "non-zero", "{:,}"),
     ("size_mb", "size MB", "{:.2f}"),
     ("val_ppl", "val ppl", "{:.2f}"),
+    ("val_accuracy", "val acc", "{:.3f}"),
+    ("val_macro_f1", "macro-F1", "{:.3f}"),
+    ("latency_ms_per_example", "ms/example", "{:.2f}"),
     ("latency_ms_per_token", "ms/token", "{:.2f}"),
     ("tokens_per_s", "fwd tok/s", "{:,.0f}"),
     ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
@@ -35,6 +38,10 @@ def row(stage: str, kind: str, stage_dir: str, metrics: dict, cached: bool, seco
         "val_ppl": metrics.get("val_ppl"),
         "val_ppl_start": metrics.get("val_ppl_start"),
         "baseline_val_ppl": metrics.get("baseline_val_ppl"),
+        "val_accuracy": metrics.get("val_accuracy"),
+        "val_macro_f1": metrics.get("val_macro_f1"),
+        "baseline_val_accuracy": metrics.get("baseline_val_accuracy"),
+        "latency_ms_per_example": metrics.get("latency_ms_per_example"),
         "latency_ms_per_token": metrics.get("latency_ms_per_token"),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "train_tokens_per_s": metrics.get("train_tokens_per_s"),
@@ -48,10 +55,27 @@ def _cell(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns some row has a value for: a language model's pipeline shows perplexity, a classifier's accuracy."""
+    return [c for c in COLUMNS if c[0] in ("stage", "kind", "status") or any(r.get(c[0]) is not None for r in rows)]
+
+
+def baseline_notes(rows: list[dict]) -> list[str]:
+    """What each distilled student reached without its teacher."""
+    notes = []
+    for r in rows:
+        if r.get("baseline_val_ppl"):
+            notes.append(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+        if r.get("baseline_val_accuracy") is not None:
+            notes.append(f"{r['stage']}: the same student without a teacher reaches val accuracy {r['baseline_val_accuracy']:.3f}")
+    return notes
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
-    notes = [f"- {r['stage']}: student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
+    notes = [f"- {note}" for note in baseline_notes(rows)]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -83,17 +107,17 @@ def print_table(rows: list[dict], title: str = "pipeline") -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for _, header, _ in COLUMNS:
+    columns = _columns(rows)
+    for _, header, _ in columns:
         table.add_column(header, justify="right" if header not in ("stage", "kind", "status") else "left")
     for r in rows:
-        table.add_row(*(_cell(r.get(k), f) for k, _, f in COLUMNS))
+        table.add_row(*(_cell(r.get(k), f) for k, _, f in columns))
     console = Console()
     if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
-    for r in rows:
-        if r.get("baseline_val_ppl"):
-            console.print(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+    for note in baseline_notes(rows):
+        console.print(note)
 
 
 def write(run_dir: str, rows: list[dict]) -> None:
@@ -117,18 +141,19 @@ def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
 
 
 def plot(run_dir: str, rows: list[dict]) -> None:
-    """Perplexity against size on disk per stage, and the loss curves of the training stages."""
+    """Perplexity (a classifier: accuracy) against size on disk per stage, and the loss curves of the training stages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    measure, label = ("val_accuracy", "val accuracy") if any(r.get("val_accuracy") is not None for r in rows) else ("val_ppl", "val perplexity")
     for r in rows:
-        if r["val_ppl"] is not None:
-            left.scatter(r["size_mb"], r["val_ppl"])
-            left.annotate(r["stage"], (r["size_mb"], r["val_ppl"]), textcoords="offset points", xytext=(5, 5))
-    left.set(xlabel="size on disk (MB)", ylabel="val perplexity", title="perplexity against size")
+        if r.get(measure) is not None:
+            left.scatter(r["size_mb"], r[measure])
+            left.annotate(r["stage"], (r["size_mb"], r[measure]), textcoords="offset points", xytext=(5, 5))
+    left.set(xlabel="size on disk (MB)", ylabel=label, title=f"{label} against size")
     for r in rows:
         steps, losses = loss_curve(r["stage_dir"])
         if steps:

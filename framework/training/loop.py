@@ -286,6 +286,7 @@ def train(
         metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
         save = hooks.save_model or save_model_dir
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
+        task.after_artifact(stage_dir, metrics)
         for logger in loggers:
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)

@@ -4,10 +4,12 @@ and stays the same for both."""
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 
 from framework.data import LMDataModule, corpus_id, load_documents
-from framework.evaluation import classification_metrics, evaluate_loss, model_metrics, perplexity, predict
+from framework.evaluation import classification_metrics, plot_confusion, evaluate_loss, model_metrics, perplexity, predict
 from framework.labeled import LabeledDataModule
 from framework.models import build_classifier, build_model_and_tokenizer, classifier_tokenizer, model_labels
 from framework.training.classification import ClassificationModule
@@ -34,6 +36,9 @@ class CausalLMTask:
     def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
         return model_metrics(model, datamodule.val_blocks(), cfg.data.batch_size)
 
+    def after_artifact(self, stage_dir: str, metrics: dict) -> None:
+        pass
+
 
 class ClassificationTask:
     name = "classification"
@@ -56,6 +61,9 @@ class ClassificationTask:
 
     def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
         return classification_metrics(model, datamodule)
+
+    def after_artifact(self, stage_dir: str, metrics: dict) -> None:
+        plot_confusion(os.path.join(stage_dir, "confusion.png"), metrics["confusion_matrix"], metrics["labels"])
 
 
 TASKS = {task.name: task for task in (CausalLMTask(), ClassificationTask())}
