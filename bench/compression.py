@@ -261,7 +261,7 @@ def quantization_rows(size: BenchSize, out_dir: str, dense_dir: str, dense: dict
     val_blocks = min(size.val_blocks, len(data.val_set))
     fp32 = {"run": "fp32", "size_bytes": dense["size_bytes"], "val_blocks": val_blocks, "val_ppl": dense["val_ppl"],
             "latency_ms_per_token": dense["latency_ms_per_token"], "wall_time_s": None}
-    bf16 = {"run": "bf16", **measure_bf16(dense_dir, tokenizer, data.val_set.stack(range(min(val_blocks, size.bf16_val_blocks))), cfg.data.batch_size)}
+    bf16 = {"run": "bf16", **measure_bf16(dense_dir, tokenizer, data.val_set.first(min(val_blocks, size.bf16_val_blocks)), cfg.data.batch_size)}
     rows = [fp32, bf16]
     for label, method in methods:
         metrics = measure_stage("quantize", size, os.path.join(runs_dir(size, out_dir), f"quantize-{method}"),

@@ -27,7 +27,6 @@ from framework.corpus.sources import capped, check_hub_dataset, corpus_documents
 from framework.errors import ConfigError
 
 DATA_SOURCES = ("stdlib_docs", "stdlib_modules", "text_files", "hf_dataset")
-FILE_KEYS = ("paths", "val_paths", "test_paths")
 # A tokenizer trained on the corpus (from-scratch models) learns from its first characters only: enough
 # for a good vocabulary, and bounded time and memory whatever the corpus's size.
 TOKENIZER_SAMPLE_CHARS = 100_000_000
@@ -96,11 +95,11 @@ def prepared_splits(data: DictConfig, tokenizer, cache_dir: str) -> preparation.
     val = files_id(data.val_paths) if data.val_paths else [data.val_fraction, data.seed]
     key = short_hash(json.dumps([preparation.FORMAT_VERSION, corpus_id(data), val, tokenizer_id(tokenizer)]))
 
-    def documents():
-        if not data.val_paths:  # split by hash
-            return ((None, key, text) for key, text in corpus_documents(data))
-        train = (("train", key, text) for key, text in corpus_documents(data))
-        return itertools.chain(train, (("val", key, text) for key, text in files("data.val_paths", data.val_paths, data.text_field)))
+    def documents():  # (split, key, text); split None: by the hash of the key
+        if not data.val_paths:
+            return ((None, name, text) for name, text in corpus_documents(data))
+        train = (("train", name, text) for name, text in corpus_documents(data))
+        return itertools.chain(train, (("val", name, text) for name, text in files("data.val_paths", data.val_paths, data.text_field)))
 
     target = os.path.join(cache_dir, "data", f"{data.name}-{key}")
     return preparation.prepare(
@@ -113,7 +112,7 @@ def prepared_test(data: DictConfig, tokenizer, cache_dir: str) -> preparation.Pr
     key = short_hash(json.dumps([preparation.FORMAT_VERSION, files_id(data.test_paths), data.text_field, tokenizer_id(tokenizer)]))
 
     def documents():
-        return (("test", key, text) for key, text in files("data.test_paths", data.test_paths, data.text_field))
+        return (("test", name, text) for name, text in files("data.test_paths", data.test_paths, data.text_field))
 
     return preparation.prepare(
         os.path.join(cache_dir, "data", f"test-{key}"), documents, encoder(tokenizer), ("test",), num_proc(data),
@@ -122,8 +121,10 @@ def prepared_test(data: DictConfig, tokenizer, cache_dir: str) -> preparation.Pr
 
 
 def describe(data: DictConfig) -> str:
-    where = {"text_files": lambda: ", ".join(data.paths), "hf_dataset": lambda: data.hf_name}.get(data.source, lambda: data.source)()
-    return f"'{data.name}' ({where})"
+    """The corpus, for messages: its name and where its text comes from."""
+    if data.source == "text_files":
+        return f"'{data.name}' ({', '.join(data.paths)})"
+    return f"'{data.name}' ({data.hf_name if data.source == 'hf_dataset' else data.source})"
 
 
 def training_texts(data: DictConfig) -> tuple:
@@ -166,9 +167,15 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.block(index)}
 
     def stack(self, indices) -> torch.Tensor:
+        """The blocks at `indices`, as one [len(indices), block_size] tensor."""
         if len(indices) == 0:
             return torch.empty(0, self.block_size, dtype=torch.long)
         return torch.stack([self.block(int(i)) for i in indices])
+
+    def first(self, count: int) -> torch.Tensor:
+        """The first `count` blocks (one read of consecutive tokens)."""
+        count = min(count, len(self))
+        return torch.from_numpy(self.tokens[: count * self.block_size].astype(np.int64)).view(count, self.block_size)
 
 
 def check_blocks(data: DictConfig, split: str, blocks: TokenBlocks, corpus: preparation.PreparedCorpus) -> None:
@@ -185,7 +192,8 @@ def check_blocks(data: DictConfig, split: str, blocks: TokenBlocks, corpus: prep
             f"the documents of {describe(data)} that fall in the val split (val_fraction={data.val_fraction}) hold "
             f"{blocks.num_tokens} tokens, {size}: raise data.val_fraction, or name validation files with data.val_paths",
         )
-    if data.max_chars and sum(s["chars"] for s in stats.values()) >= data.max_chars:
+    corpus_chars = stats["train"]["chars"] + (0 if data.val_paths else stats["val"]["chars"])  # what max_chars caps
+    if data.max_chars and corpus_chars >= data.max_chars:
         raise ConfigError("data.max_chars", f"the first {data.max_chars} characters of {describe(data)} leave {blocks.num_tokens} {split} tokens, {size}")
     key = {"text_files": "data.paths", "hf_dataset": "data.hf_name"}.get(data.source, "data.source")
     if split == "val":  # one document in all: it trains, nothing validates
@@ -268,7 +276,7 @@ class LMDataModule(pl.LightningDataModule):
 
     def val_blocks(self) -> torch.Tensor:
         """The val blocks (the first `data.max_val_blocks` of them), as one tensor."""
-        return self.val_set.stack(range(self._num_val_blocks()))
+        return self.val_set.first(self._num_val_blocks())
 
     def calibration_batches(self, num_samples: int, batch_size: int = 8) -> list[torch.Tensor]:
         """Train-split blocks for calibrating pruning and quantization (never the val split)."""

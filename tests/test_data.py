@@ -113,6 +113,31 @@ def test_val_paths_make_the_val_split_from_those_files_alone(tokenizer, tmp_path
     np.testing.assert_array_equal(blocks.flatten().numpy(), expected_tokens(tokenizer, read(valid))[: blocks.numel()])
 
 
+def test_a_local_dataset_read_as_a_stream_prepares_the_same_tokens(tokenizer, tmp_path):
+    """data=hf_dataset with streaming=true (here on a local dataset directory: the tests are offline)."""
+    texts = paragraphs()[:600]
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepared = {}
+    for streaming in (False, True):
+        data = data_config("data=hf_dataset", f"data.hf_name={tmp_path / 'dataset'}", f"data.streaming={streaming}")
+        prepared[streaming] = LMDataModule(data, tokenizer, str(tmp_path / f"cache-{streaming}"), seed=0)
+    val = [t for t in texts if preparation.is_validation(t, 0.1, 0)]
+    np.testing.assert_array_equal(prepared[True].corpus.tokens("val"), expected_tokens(tokenizer, val))
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(prepared[True].corpus.tokens(split), prepared[False].corpus.tokens(split))
+
+
+def test_blocks_read_in_dataloader_workers_are_the_blocks_read_here(tokenizer, tmp_path):
+    corpus = write_documents(tmp_path / "corpus.txt", paragraphs()[:800])
+    datamodule = LMDataModule(data_config(f"data.paths=[{corpus}]"), tokenizer, str(tmp_path / "cache"), seed=0)
+    blocks = datamodule.train_set
+    here = next(iter(torch.utils.data.DataLoader(blocks, batch_size=4)))["input_ids"]
+    in_worker = next(iter(torch.utils.data.DataLoader(blocks, batch_size=4, num_workers=1)))["input_ids"]
+    assert torch.equal(here, in_worker) and here.dtype == torch.long and here.shape == (4, 64)
+    np.testing.assert_array_equal(here.flatten().numpy(), datamodule.corpus.tokens("train")[: 4 * 64])
+
+
 def test_the_batch_order_is_a_function_of_the_position_so_a_resumed_sampler_continues_exactly():
     straight = ResumableBatchSampler(num_samples=50, batch_size=4, seed=3)
     resumed = ResumableBatchSampler(num_samples=50, batch_size=4, seed=3, start=17)  # past the first pass (12 batches)

@@ -98,6 +98,8 @@ def hub_dataset(data: DictConfig) -> Documents:
     if dataset.column_names is not None and data.text_field not in dataset.column_names:
         raise ConfigError("data.text_field", f"'{data.text_field}' is not a column of {data.hf_name} (columns: {', '.join(dataset.column_names)})")
     for batch in dataset.iter(batch_size=1000):
+        if data.text_field not in batch:  # a stream may not know its columns before its first rows
+            raise ConfigError("data.text_field", f"'{data.text_field}' is not a column of {data.hf_name} (columns: {', '.join(batch)})")
         yield from ((text, text) for text in batch[data.text_field] if isinstance(text, str) and text.strip())
 
 
