@@ -7,6 +7,7 @@ one JSON line; peak RSS is that process's own (getrusage ru_maxrss, i.e. VmHWM),
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -99,8 +100,8 @@ def child(step: str, spec: dict) -> dict:
     from framework.stages import STAGES
 
     cfg = STAGES["train"].validate(compose("train", overrides(spec)))
-    tokenizers = os.path.join(cfg.paths.cache_dir, "tokenizers")
-    result = {"cached": os.path.isdir(tokenizers) and bool(os.listdir(tokenizers)), "sample_chars": TOKENIZER_SAMPLE_CHARS}
+    cached = glob.glob(os.path.join(cfg.paths.cache_dir, "tokenizers", "*", "tokenizer.json"))
+    result = {"cached": bool(cached), "sample_chars": TOKENIZER_SAMPLE_CHARS}
     started = time.perf_counter()
     _, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=training_texts(cfg.data))
     result["seconds"] = time.perf_counter() - started

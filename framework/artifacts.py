@@ -45,6 +45,7 @@ def atomic_directory(target: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts and caches are for sharing
     try:
         yield tmp
         if os.path.isdir(target):

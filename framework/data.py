@@ -82,18 +82,22 @@ def encoder(tokenizer) -> preparation.Encoder:
     return preparation.Encoder(backend, tokenizer.eos_token_id, len(tokenizer))
 
 
-def tokenizer_id(tokenizer) -> str:
-    return short_hash(json.dumps(sorted(tokenizer.get_vocab().items())))
+def tokenizer_id(enc: preparation.Encoder) -> str:
+    """What identifies a tokenizer's ids: its whole definition (normalizer, pre-tokenizer, vocabulary, merges)."""
+    return short_hash(enc.tokenizer.to_str())
 
 
 def num_proc(data: DictConfig) -> int:
-    return data.num_proc or len(os.sched_getaffinity(0))
+    """data.num_proc, else the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return data.num_proc or cores or 1
 
 
 def prepared_splits(data: DictConfig, tokenizer, cache_dir: str) -> preparation.PreparedCorpus:
     """The corpus's train and val splits, tokenized into `<cache_dir>/data/` once (by the first process to ask)."""
+    enc = encoder(tokenizer)
     val = files_id(data.val_paths) if data.val_paths else [data.val_fraction, data.seed]
-    key = short_hash(json.dumps([preparation.FORMAT_VERSION, corpus_id(data), val, tokenizer_id(tokenizer)]))
+    key = short_hash(json.dumps([preparation.FORMAT_VERSION, corpus_id(data), val, tokenizer_id(enc)]))
 
     def documents():  # (split, key, text); split None: by the hash of the key
         if not data.val_paths:
@@ -102,20 +106,20 @@ def prepared_splits(data: DictConfig, tokenizer, cache_dir: str) -> preparation.
         return itertools.chain(train, (("val", name, text) for name, text in files("data.val_paths", data.val_paths, data.text_field)))
 
     target = os.path.join(cache_dir, "data", f"{data.name}-{key}")
-    return preparation.prepare(
-        target, documents, encoder(tokenizer), ("train", "val"), num_proc(data), data.val_fraction, data.seed, describe(data),
-    )
+    val_fraction = 0.0 if data.val_paths else data.val_fraction  # 0: no document is split by hash
+    return preparation.prepare(target, documents, enc, ("train", "val"), num_proc(data), val_fraction, data.seed, describe(data))
 
 
 def prepared_test(data: DictConfig, tokenizer, cache_dir: str) -> preparation.PreparedCorpus:
     """The documents of `data.test_paths`, in order, as the split "test"."""
-    key = short_hash(json.dumps([preparation.FORMAT_VERSION, files_id(data.test_paths), data.text_field, tokenizer_id(tokenizer)]))
+    enc = encoder(tokenizer)
+    key = short_hash(json.dumps([preparation.FORMAT_VERSION, files_id(data.test_paths), data.text_field, tokenizer_id(enc)]))
 
     def documents():
         return (("test", name, text) for name, text in files("data.test_paths", data.test_paths, data.text_field))
 
     return preparation.prepare(
-        os.path.join(cache_dir, "data", f"test-{key}"), documents, encoder(tokenizer), ("test",), num_proc(data),
+        os.path.join(cache_dir, "data", f"test-{key}"), documents, enc, ("test",), num_proc(data),
         description=f"test files {', '.join(data.test_paths)}",
     )
 

@@ -107,8 +107,8 @@ def prepare(
     """The prepared corpus at `target`, built first if no process has built it (see the module's docstring).
 
     `documents()` yields (split, key, text); `splits` are the files to write (a split no document falls
-    in gets an empty file). When no document hashes into val, the last train document is moved there
-    (a tiny corpus still has something to validate on).
+    in gets an empty file). When documents are split by hash (`val_fraction` > 0) and none falls in val,
+    the last train document is moved there (a tiny corpus still has something to validate on).
     """
     if not os.path.isfile(os.path.join(target, META)):
         with file_lock(target + ".lock"):
@@ -145,7 +145,7 @@ def _write(directory, documents, encoder, splits, num_proc, val_fraction, seed, 
     finally:
         for f in files.values():
             f.close()
-    if "val" in stats and stats["val"]["documents"] == 0 and stats.get("train", {}).get("documents", 0) > 1:
+    if val_fraction > 0 and stats["val"]["documents"] == 0 and stats["train"]["documents"] > 1:
         _move_tail(directory, encoder.dtype, last_train_document, stats)
     seconds = time.perf_counter() - started
     tokens = sum(s["tokens"] for s in stats.values())
