@@ -259,6 +259,27 @@ def test_two_processes_share_one_prepared_corpus_and_a_killed_preparation_is_nev
 
 
 @pytest.mark.slow
+def test_two_ddp_ranks_prepare_one_cache_from_a_fresh_start(tmp_path):
+    """The train recipe on 2 processes, with an empty cache: one tokenizer and one corpus are prepared, for both."""
+    texts = paragraphs()
+    corpus = write_documents(tmp_path / "notes.txt", texts[:2000])
+    valid = write_documents(tmp_path / "valid.txt", texts[2000:2300])
+    result = subprocess.run(
+        [sys.executable, "recipes/train.py", *FAST, "trainer.max_steps=2", "strategy=ddp", "trainer.devices=2", "data.batch_size=4",
+         "data=text_files", f"data.paths=[{corpus}]", f"data.val_paths=[{valid}]", f"run_dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "FRAMEWORK_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "COMPLETE").exists()
+    output = result.stdout + result.stderr
+    assert output.count("prepared 'text_files'") == 1 and output.count("training a 4096-token BPE tokenizer") == 1
+    for kind in ("data", "tokenizers"):  # one of each (and its lock), no half-written directory left
+        names = sorted(p.name for p in (tmp_path / "cache" / kind).iterdir())
+        assert len(names) == 2 and names[1] == names[0] + ".lock", names
+
+
+
+@pytest.mark.slow
 def test_a_one_file_corpus_trains_and_evaluate_scores_every_token_of_a_test_file(tmp_path):
     texts = paragraphs()
     corpus = write_documents(tmp_path / "notes.txt", texts[:2400])  # one file, one corpus: split by paragraph
