@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from framework.config import in_range, one_of, positive
-from framework.data import ResumableBatchSampler, is_validation
+from framework.corpus.prepare import is_validation
+from framework.data import ResumableBatchSampler
 from framework.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from hydra.errors import MissingConfigException
 
 from framework.config import to_schema
 from framework.errors import ConfigError
@@ -51,8 +50,10 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     if (group, option) in GPU_ONLY:
         with pytest.raises(ConfigError, match="CUDA"):
             validate_train_config(cfg)
-    elif (group, option) == ("data", "hf_dataset"):
-        validate_train_config(cfg)  # a hub name is only checked when it is loaded
+    elif (group, option) == ("data", "hf_dataset"):  # the tests run offline: the dataset cannot be reached
+        with pytest.raises(ConfigError, match="cannot load 'wikitext'.*HF_HUB_OFFLINE") as error:
+            validate_train_config(cfg)
+        assert error.value.key == "data.hf_name"
     else:
         typed = validate_train_config(cfg)
         assert typed.precision.name != "auto"  # auto resolves to what this machine runs well
@@ -110,20 +111,18 @@ def test_bad_input_gives_one_line_error_naming_the_key(overrides, key, message):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("optimizer.lr=fast", "could not be converted to Float"), ("optimizer.learning_rate=1e-3", "Could not override")],
+    [
+        ("optimizer.lr=fast", "optimizer.lr: 'fast' is not a float"),
+        ("optimizer.learning_rate=1e-3", "optimizer.learning_rate: unknown key (allowed: name, lr,"),
+        ("optimizer=adagrad", "optimizer: 'adagrad' is not an option (options: adam, adamw, rmsprop, sgd)"),
+    ],
 )
-def test_wrong_type_or_unknown_key_is_refused_when_composing(override, message):
-    # The schemas are part of the composed config, so Hydra checks overrides against them.
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException) as error:
+def test_wrong_type_unknown_key_or_option_is_refused_when_composing(override, message):
+    # The schemas are part of the composed config, so composition checks overrides against them and says so in one line.
+    with pytest.raises(ConfigError) as error:
         compose_config("train", [override])
-    assert message in str(error.value) + str(error.value.__cause__)
-
-
-def test_unknown_config_group_option_is_refused():
-    with pytest.raises(MissingConfigException, match="optimizer/adagrad"):
-        compose_config("train", ["optimizer=adagrad"])
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
 
 
 def test_several_devices_without_a_strategy_run_our_ddp_launch():
@@ -138,9 +137,9 @@ def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words")
     cfg = train_config("data=text_files", f"data.paths=[{tiny}]", f"paths.cache_dir={tmp_path / 'cache'}")
-    with pytest.raises(ConfigError, match="smaller than one block") as error:
+    with pytest.raises(ConfigError, match="less than one block") as error:
         train(cfg)
-    assert error.value.key == "data.block_size"
+    assert error.value.key == "data.paths"  # the corpus is too small, not the block size
 
 
 def test_recipe_prints_the_error_as_one_line_and_exits_2(tmp_path):

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Settings that change how a run looks or where it is written, not what it computes.
 NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger", "input")  # input: its fingerprint counts, not its path
 NON_SEMANTIC_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
+NON_SEMANTIC_DATA_KEYS = ("num_workers", "num_proc", "streaming", "test_paths")  # how data is read, not what
 
 
 def semantic_config(cfg: DictConfig) -> dict:
@@ -46,6 +47,8 @@ def semantic_config(cfg: DictConfig) -> dict:
         plain["model"].pop("path")  # the input's fingerprint stands for it, wherever it lies
     for key in NON_SEMANTIC_TRAINER_KEYS:
         plain.get("trainer", {}).pop(key, None)
+    for key in NON_SEMANTIC_DATA_KEYS:
+        plain.get("data", {}).pop(key, None)
     return plain
 
 
@@ -169,14 +172,15 @@ def apply_lora(model, finetune_cfg: DictConfig, task: str):
     return get_peft_model(model, lora)
 
 
-def gather_shards(sharded, plain):
-    """The weights of an FSDP2-sharded model, gathered into `plain` (every rank takes part; rank 0 receives them)."""
+def gather_shards(sharded, plain, prefix: str = ""):
+    """The weights of a sharded model (FSDP2, or FSDP1 around a module whose keys start with `prefix`), gathered
+    into `plain` on the CPU (every rank takes part; rank 0 receives them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if state:  # empty on ranks other than 0
-        plain.load_state_dict(state)
-    return plain
+        plain.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()})
+    return plain.cpu()
 
 
 def merged_model(model):
@@ -255,8 +259,8 @@ def train(
     if cfg.finetune.method == "lora":
         model = apply_lora(model, cfg.finetune, task.name)
     module = (hooks.module_factory or task.module)(model, cfg)
-    # model_parallel shards the weights in place during fit; a plain copy receives them back afterwards.
-    unsharded = copy.deepcopy(module.model) if cfg.strategy.name == "model_parallel" else None
+    # model_parallel and fsdp shard the weights during fit; a plain copy receives them back afterwards.
+    unsharded = copy.deepcopy(module.model) if cfg.strategy.name in ("model_parallel", "fsdp") else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
@@ -271,7 +275,9 @@ def train(
     try:
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        if unsharded is not None:
+        if cfg.strategy.name == "fsdp":  # FSDP wraps the whole LightningModule, whose keys start with "model."
+            module.model = gather_shards(trainer.strategy.model, unsharded, prefix="model.")
+        elif unsharded is not None:
             module.model = gather_shards(module.model, unsharded)
         if not (trainer.is_global_zero and is_rank_zero()):  # the trainer knows its rank only once it has trained
             return {}  # rank 0 alone evaluates and writes the artifact

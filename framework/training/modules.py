@@ -109,6 +109,15 @@ class StageModule(pl.LightningModule):
                 fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP precision plugin refuses clipping by norm; FSDP's own clip_grad_norm_ takes the norm
+        # over every rank's shards, which is the norm of the whole model's gradient.
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and hasattr(wrapped, "clip_grad_norm_"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.scheduler_cfg, self.max_steps))

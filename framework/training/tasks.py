@@ -8,7 +8,7 @@ import os
 
 from omegaconf import DictConfig
 
-from framework.data import LMDataModule, corpus_id, load_documents
+from framework.data import LMDataModule, training_texts
 from framework.evaluation import classification_metrics, plot_confusion, evaluate_loss, model_metrics, perplexity, predict
 from framework.labeled import LabeledDataModule
 from framework.models import build_classifier, build_model_and_tokenizer, classifier_tokenizer, model_labels
@@ -21,10 +21,8 @@ class CausalLMTask:
     measure = "val_ppl"  # the headline number: perplexity on the val split, lower is better
 
     def build(self, cfg: DictConfig):
-        documents = load_documents(cfg.data)
-        corpus = (lambda: (text for _, text in documents), corpus_id(cfg.data))  # only a new BPE tokenizer reads it
-        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=corpus)
-        return model, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=training_texts(cfg.data))
+        return model, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed)
 
     def module(self, model, cfg: DictConfig):
         return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
