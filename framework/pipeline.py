@@ -42,7 +42,8 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
     kind = spec.get("kind")
     choices = spec.get("groups") or {}
     try:
-        cfg = compose(kind, [*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
+        task = [] if "task" in choices else [f"task={pipeline_cfg.task.name}"]  # the pipeline's task, unless the stage names one
+        cfg = compose(kind, [*task, *(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
     except ConfigError as err:  # an unknown option in the stage's groups, most often
         raise err.under(f"pipeline.stages.{name}.groups") from None
     # Where every stage runs (precision, strategy, devices), unless the stage chose its own group.

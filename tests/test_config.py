@@ -19,6 +19,9 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("model", "hf"): ["model.path={smol_dir}"],
     ("data", "text_files"): ["data.paths=[{text_file}]"],
     ("data", "hf_dataset"): ["data.hf_name=wikitext"],
+    ("data", "labeled_files"): ["task=classification", "data.paths=[{csv_file}]"],
+    **{option: ["task=classification"] for option in [("data", "default_classification"), ("data", "stdlib_topics"),
+                                                       ("model", "minilm_l6"), ("model", "default_classification")]},
 }
 GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3"))}
 
@@ -38,7 +41,9 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     smol_dir = tmp_path / "model"
     smol_dir.mkdir()
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
-    extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
+    csv_file = tmp_path / "labeled.csv"
+    csv_file.write_text("text,label\nhello there,a\ngood bye,b\n")
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from framework import artifacts
 from framework.config import ModelConfig, StageConfig, one_of, to_schema, unknown_key_message
 from framework.data import check_data_config
-from framework.labeled import check_labeled_config
+from framework.labeled import LABELED_SOURCES, check_labeled_config
 from framework.errors import ConfigError
 from framework.hardware import check_machine
 from framework.models import check_model_config, model_max_positions
@@ -36,6 +36,8 @@ def check_common(cfg: DictConfig) -> None:
     """The checks of the sections every stage has: model, data, optimization, logging, machine."""
     one_of("task", cfg.task.name, TASKS)
     check_model_config(cfg.model)
+    if cfg.task.name == "causal_lm" and cfg.data.source in LABELED_SOURCES[:2]:
+        raise ConfigError("data", f"'{cfg.data.name}' is labeled text for classification: add task=classification")
     (check_labeled_config if cfg.task.name == "classification" else check_data_config)(cfg.data)
     check_training_config(cfg)
     check_logger_config(cfg.logger)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from omegaconf import DictConfig
 
 from framework.data import LMDataModule, training_texts
-from framework.evaluation import classification_metrics, plot_confusion, evaluate_loss, model_metrics, perplexity, predict
+from framework.evaluation import (
+    classification_metrics, classification_scores, evaluate_loss, model_metrics, perplexity, plot_confusion, predict,
+)
 from framework.labeled import LabeledDataModule
 from framework.models import build_classifier, build_model_and_tokenizer, classifier_tokenizer, model_labels
 from framework.training.classification import ClassificationModule
@@ -52,10 +55,11 @@ class ClassificationTask:
         return ClassificationModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
 
     def start(self, model, datamodule, cfg: DictConfig) -> dict:
-        from framework.evaluation import classification_scores
-
         logits, labels = predict(model, datamodule.val_dataloader())
-        return {"val_accuracy_start": classification_scores(logits, labels, model.config.num_labels)["accuracy"]}
+        return {
+            "val_loss_start": float(torch.nn.functional.cross_entropy(logits, labels)),
+            "val_accuracy_start": classification_scores(logits, labels, model.config.num_labels)["accuracy"],
+        }
 
     def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
         return classification_metrics(model, datamodule)
