@@ -29,7 +29,7 @@ from framework.evaluation import evaluate_loss, model_metrics, perplexity
 from framework.models import build_model_and_tokenizer, save_model_dir
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, Throughput
 from framework.training.modules import CausalLMModule
-from framework.training.tracking import build_loggers, finish, log_stage_artifact
+from framework.training.tracking import CHECKPOINTS, build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,13 @@ def semantic_config(cfg: DictConfig) -> dict:
 
 
 def checkpoint_dir(stage_dir: str) -> str:
-    return os.path.join(stage_dir, "checkpoints")
+    return os.path.join(stage_dir, CHECKPOINTS)
+
+
+def enclosing_stage(run_dir: str, stage_dir: str) -> str | None:
+    """The stage a run in a subdirectory of its config's run_dir is a part of (distill's baseline), else None."""
+    run_dir, stage_dir = os.path.abspath(run_dir), os.path.abspath(stage_dir)
+    return run_dir if stage_dir != run_dir and os.path.commonpath([run_dir, stage_dir]) == run_dir else None
 
 
 def resumable_checkpoint(stage_dir: str, stage_fingerprint: str) -> str | None:
@@ -227,6 +233,9 @@ def train(
     if is_rank_zero():
         artifacts.invalidate(stage_dir)
     claim_checkpoints(stage_dir, stage_fingerprint)
+    part_of = enclosing_stage(cfg.run_dir, stage_dir)
+    if part_of:  # its tracker run nests under that stage's, which this claims for this config (they share it)
+        claim_checkpoints(part_of, stage_fingerprint)
     started = time.perf_counter()
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -246,7 +255,7 @@ def train(
     unsharded = copy.deepcopy(module.model) if cfg.strategy.name == "model_parallel" else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
-    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg), part_of)
     callbacks = [throughput, *hooks.callbacks, *_extra_callbacks.get()]
     if cfg.finetune.keep_sparsity:
         from framework.compression.gradual import KeepZeros
@@ -255,6 +264,7 @@ def train(
     trainer = build_trainer(cfg, stage_dir, callbacks, loggers)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    error = None
     try:
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -274,13 +284,16 @@ def train(
         metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
         save = hooks.save_model or save_model_dir
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
-        for logger in loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
+        for logger in loggers:  # under the names of metrics.json, after the last training step
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics.get("train_steps", 0))
+        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint, part_of)
         log.info("%s: val_ppl %.2f (was %.2f)", stage_dir, metrics["val_ppl"], metrics["val_ppl_start"])
         return artifacts.read_metrics(stage_dir)
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        finish(loggers)
+        finish(loggers, cfg.logger, error)
 
 
 def default_module(model, cfg: DictConfig) -> pl.LightningModule:
