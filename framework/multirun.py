@@ -28,11 +28,11 @@ class JobSummary(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        open_parent_run(config.get("logger"), f"{config.hydra.job.name}-sweep", config.hydra.sweep.dir, kind="sweep")
+        _sweep_run(config)  # before any job starts, so that jobs running at once find the same one
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if _multirun(config):
-            nest_under(read_record(config.hydra.sweep.dir).get("mlflow_run_id"))
+            nest_under(_sweep_run(config))
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
@@ -53,10 +53,13 @@ class JobSummary(Callback):
         params = dict(override.split("=", 1) for override in job_return.overrides or [] if "=" in override)
         scores = {key: metrics[key] for key in ("val_loss", "val_ppl") if key in metrics}
         record_job(config.get("logger"), job_dir, os.path.basename(job_dir), status["status"], params, scores, status["error"])
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if enabled(config.get("logger")):
+        if enabled(config.get("logger")):  # ended after every job: Hydra skips its end-of-sweep callbacks when a job failed
             end_run(config.logger, read_record(config.hydra.sweep.dir).get("mlflow_run_id"), "FINISHED")
+
+
+def _sweep_run(config: DictConfig) -> str | None:
+    """The sweep's MLflow parent run (recorded in the sweep directory), running; None without MLflow."""
+    return open_parent_run(config.get("logger"), f"{config.hydra.job.name}-sweep", config.hydra.sweep.dir, kind="sweep")
 
 
 def write_sweep_summary(sweep_dir: str) -> list[dict]:

@@ -152,6 +152,13 @@ def open_stage_run(logger_cfg: DictConfig, run_id: str | None, name: str, tags: 
     return run_id
 
 
+def logged_steps(logger_cfg: DictConfig, run_id: str) -> dict[str, int]:
+    """The last step the run holds for each metric (a resumed stage logs only later ones)."""
+    mlflow_client = _client(logger_cfg)
+    keys = mlflow_client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in mlflow_client.get_metric_history(run_id, key)) for key in keys}
+
+
 def end_run(logger_cfg: DictConfig, run_id: str | None, status: str) -> None:
     if run_id:
         _client(logger_cfg).set_terminated(run_id, status)
@@ -179,6 +186,7 @@ def open_parent_run(logger_cfg: DictConfig, name: str, run_dir: str, kind: str) 
     """The parent run recorded in `run_dir` (running again), or a new one nested under the current parent."""
     if not enabled(logger_cfg) or not is_rank_zero():
         return None
+    check_server(logger_cfg.tracking_uri)  # opened before the stages' checks run: a wrong URI fails here, at once
     record = read_record(run_dir)
     run_id = record.get("mlflow_run_id")
     if not _continue_run(logger_cfg, run_id):

@@ -174,7 +174,7 @@ def build_loggers(
             os.unlink(os.path.join(stage_dir, "logs", "metrics.csv"))
     logged = logged_steps(os.path.join(stage_dir, "logs", "metrics.csv"))
     name = stage_name(logger_cfg, stage_dir, part_of)
-    # Written every log call, before the other trackers are called: the CSV is the record of what was logged.
+    # Written at every call, before the other trackers': the record of the steps logged (MLflow keeps its own).
     loggers: list[Logger] = [StageCSVLogger(save_dir=stage_dir, name="logs", version="", flush_logs_every_n_steps=1)]
     if logger_cfg.name == "tensorboard":
         loggers.append(StageTensorBoardLogger(save_dir=stage_dir, name="tensorboard", version=""))
@@ -199,6 +199,8 @@ def build_loggers(
                 config=config,
             )
         )
+    for logger in loggers:
+        logger.logged = logged
     if logger_cfg.name == "mlflow":
         run_id = None
         if is_rank_zero():
@@ -206,9 +208,10 @@ def build_loggers(
             params = mlflow_tracking.flat_params(config)
             parent = _enclosing_run(logger_cfg, part_of, fingerprint, params) if part_of else None
             run_id = record["mlflow_run_id"] = mlflow_tracking.open_stage_run(logger_cfg, record.get("mlflow_run_id"), name, tags, params, parent)
-        loggers.append(StageMLflowLogger(tracking_uri=logger_cfg.tracking_uri, run_id=run_id))
-    for logger in loggers:
-        logger.logged = logged
+        mlflow_logger = StageMLflowLogger(tracking_uri=logger_cfg.tracking_uri, run_id=run_id)
+        # The server's own record of the steps: a kill between a CSV row and its MLflow call leaves that step to log.
+        mlflow_logger.logged = mlflow_tracking.logged_steps(logger_cfg, run_id) if run_id else {}
+        loggers.append(mlflow_logger)
     if is_rank_zero():
         save_stage_record(stage_dir, record)
     return loggers
