@@ -20,6 +20,7 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("model", "hf"): ["model.path={smol_dir}"],
     ("data", "text_files"): ["data.paths=[{text_file}]"],
     ("data", "hf_dataset"): ["data.hf_name=wikitext"],
+    ("logger", "mlflow"): ["logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],  # its default is a server: none here
 }
 GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3"))}
 
@@ -39,7 +40,7 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     smol_dir = tmp_path / "model"
     smol_dir.mkdir()
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
-    extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]

@@ -121,6 +121,7 @@ def test_pipeline_is_one_tree_of_runs_and_a_killed_stage_continues_its_run(mlflo
         assert run["info"]["status"] == "FINISHED", name
         assert params(run)["seed"] == "1234" and "optimizer.lr" in params(run) and len(params(run)) > 50, name
         assert metrics(run)["val_ppl"] > 1, name
+        assert history_steps(mlflow_server, run, "val/loss")[0] == 0, name  # the curves start at the model it was given
         assert tags(run)["kind"] == {"pretrain": "train", "finetune": "train"}.get(name, name)
         assert tags(run)["fingerprint"] == read_fingerprint(stage_dir)
         assert {"metrics.json", "config.yaml", "model"} <= artifact_paths(mlflow_server, run), name
@@ -230,4 +231,4 @@ def test_csv_log_keeps_every_step_across_a_crash_and_resume(train_config, tmp_pa
     after = csv_steps(str(tmp_path / "run"))
     assert [s for s, _ in after] == list(range(12))
     assert after[:7] == before
-    assert [s for s, _ in csv_steps(str(tmp_path / "run"), "val/loss")] == [5, 11]
+    assert [s for s, _ in csv_steps(str(tmp_path / "run"), "val/loss")] == [0, 5, 11]  # 0: the model it started from

@@ -137,7 +137,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
         num_sanity_val_steps=0,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
+        log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),  # a stage shorter than that logs its last step
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
@@ -266,6 +266,7 @@ def train(
         log.info("resuming from %s", resume_from)
     error = None
     try:
+        _log_start(loggers, cfg, val_loss_start)
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if unsharded is not None:
@@ -294,6 +295,15 @@ def train(
         raise
     finally:
         finish(loggers, cfg.logger, error)
+
+
+def _log_start(loggers, cfg: DictConfig, val_loss: float) -> None:
+    """The val loss of the model the stage was given, at step 0: where its curves start (a one-shot stage's
+    only step). Not when Lightning validates after the first step, which it logs at step 0 as well."""
+    if cfg.trainer.max_steps > 0 and cfg.trainer.val_check_interval == 1:
+        return
+    for logger in loggers:
+        logger.log_metrics({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step=0)
 
 
 def default_module(model, cfg: DictConfig) -> pl.LightningModule:

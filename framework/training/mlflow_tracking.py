@@ -110,7 +110,7 @@ def _start_run(logger_cfg: DictConfig, name: str, parent: str | None, tags: dict
 
 
 def _continue_run(logger_cfg: DictConfig, run_id: str | None) -> bool:
-    """Set a recorded run running again; False when it is gone (deleted, or on another server)."""
+    """Set a recorded run running again; False when it is gone (deleted, on another server, in another experiment)."""
     from mlflow.exceptions import MlflowException
 
     if not run_id:
@@ -119,7 +119,7 @@ def _continue_run(logger_cfg: DictConfig, run_id: str | None) -> bool:
         run = _client(logger_cfg).get_run(run_id)
     except MlflowException:
         return False
-    if run.info.lifecycle_stage != "active":
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != _experiment_id(logger_cfg):
         return False
     _client(logger_cfg).update_run(run_id, status="RUNNING")  # a killed process left it RUNNING, a failed one FAILED
     return True
@@ -239,7 +239,8 @@ def record_job(logger_cfg: DictConfig, job_dir: str, name: str, state: str, para
     run_id = next((r for r in recorded if r and _continue_run(logger_cfg, r)), None) or _start_run(logger_cfg, name, _parent.get(), {"kind": "job"})
     from mlflow.entities import Metric
 
-    _set_tags(logger_cfg, run_id, {"mlflow.runName": name, "state": state, **({"error": error[:5000]} if error else {})})
+    _client(logger_cfg).update_run(run_id, name=name)  # a pipeline's run is named after the pipeline: here, after the trial
+    _set_tags(logger_cfg, run_id, {"state": state, **({"error": error[:5000]} if error else {})})
     _log_new_params(logger_cfg, run_id, {key: str(value)[:6000] for key, value in params.items()})
     now = int(time.time() * 1000)
     finite = [Metric(key, float(value), now, 0) for key, value in metrics.items() if isinstance(value, (int, float))]

@@ -3,8 +3,9 @@
 A stage's tracker runs outlive its process: their ids are kept with its checkpoints (`checkpoints/tracking.json`,
 with the fingerprint of the config they belong to), so a resumed stage continues the same runs, and its
 `logs/metrics.csv` keeps the rows logged before the interruption. A resumed stage trains again the steps
-after its last checkpoint; every tracker leaves those out (`new_metrics`), so no step is logged twice.
-MLflow's parent runs (a pipeline, a sweep, a study) are in framework.training.mlflow_tracking.
+after its last checkpoint; every tracker leaves out the steps it holds already (`new_metrics`: MLflow as its
+server says, the others as the CSV log says), so no step is logged twice. MLflow's runs, its parent runs (a
+pipeline, a sweep, a study) among them, are made in framework.training.mlflow_tracking.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import os
 import re
 import shutil
+import uuid
 from typing import Any, Mapping, Sequence
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -47,7 +49,7 @@ def wandb_mode(logger_cfg: DictConfig) -> str:
 # --- steps already logged ------------------------------------------------------------------------------------
 
 
-def logged_steps(csv_path: str) -> dict[str, int]:
+def csv_logged_steps(csv_path: str) -> dict[str, int]:
     """The last step logged for each metric in a stage's metrics.csv (empty when there is none)."""
     last: dict[str, int] = {}
     if not os.path.isfile(csv_path):
@@ -172,16 +174,14 @@ def build_loggers(
         shutil.rmtree(os.path.join(stage_dir, "tensorboard"), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(stage_dir, "logs", "metrics.csv"))
-    logged = logged_steps(os.path.join(stage_dir, "logs", "metrics.csv"))
+    logged = csv_logged_steps(os.path.join(stage_dir, "logs", "metrics.csv"))
     name = stage_name(logger_cfg, stage_dir, part_of)
     # Written at every call, before the other trackers': the record of the steps logged (MLflow keeps its own).
     loggers: list[Logger] = [StageCSVLogger(save_dir=stage_dir, name="logs", version="", flush_logs_every_n_steps=1)]
     if logger_cfg.name == "tensorboard":
         loggers.append(StageTensorBoardLogger(save_dir=stage_dir, name="tensorboard", version=""))
     if logger_cfg.name == "wandb":
-        import wandb
-
-        record.setdefault("wandb_run_id", wandb.util.generate_id())
+        record.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
         loggers.append(
             StageWandbLogger(
                 project=logger_cfg.project,
