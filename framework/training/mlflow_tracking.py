@@ -34,6 +34,7 @@ from framework.errors import ConfigError, PreemptedError
 log = logging.getLogger(__name__)
 
 RECORD = "tracking.json"  # {"mlflow_run_id": ..., "wandb_run_id": ..., "fingerprint": ...}
+CHECKPOINTS = "checkpoints"  # the train loop's checkpoint directory, which a stage's run record travels with
 STATUS_OF_STATE = {"COMPLETE": "FINISHED", "COMPLETED": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "FAILED": "FAILED"}
 
 # The run that stage runs (and parents opened inside it) nest under: a pipeline's, a sweep's, a study's.
@@ -233,12 +234,12 @@ def parent_run(logger_cfg: DictConfig, name: str, run_dir: str, kind: str) -> It
 def record_job(logger_cfg: DictConfig, job_dir: str, name: str, state: str, params: dict[str, Any], metrics: dict[str, float], error: str = "") -> None:
     """Give a sweep job's or trial's run its name, params, metrics and state (a job that failed before its
     stage opened a run gets a run of its own, so every job shows)."""
-    if not enabled(logger_cfg) or not is_rank_zero():
-        return
-    recorded = [read_record(d).get("mlflow_run_id") for d in (job_dir, os.path.join(job_dir, "checkpoints"))]
-    run_id = next((r for r in recorded if r and _continue_run(logger_cfg, r)), None) or _start_run(logger_cfg, name, _parent.get(), {"kind": "job"})
     from mlflow.entities import Metric
 
+    if not enabled(logger_cfg) or not is_rank_zero():
+        return
+    recorded = [read_record(d).get("mlflow_run_id") for d in (job_dir, os.path.join(job_dir, CHECKPOINTS))]  # a pipeline's, a stage's
+    run_id = next((r for r in recorded if r and _continue_run(logger_cfg, r)), None) or _start_run(logger_cfg, name, _parent.get(), {"kind": "job"})
     _client(logger_cfg).update_run(run_id, name=name)  # a pipeline's run is named after the pipeline: here, after the trial
     _set_tags(logger_cfg, run_id, {"state": state, **({"error": error[:5000]} if error else {})})
     _log_new_params(logger_cfg, run_id, {key: str(value)[:6000] for key, value in params.items()})

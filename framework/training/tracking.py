@@ -28,10 +28,9 @@ from framework import artifacts
 from framework.config import one_of
 from framework.distributed import is_rank_zero
 from framework.training import mlflow_tracking
-from framework.training.mlflow_tracking import read_record, status_of
+from framework.training.mlflow_tracking import CHECKPOINTS, read_record, status_of
 
 LOGGERS = ("csv", "wandb", "mlflow", "tensorboard")
-CHECKPOINTS = "checkpoints"  # the train loop's checkpoint directory, which the run record travels with
 
 
 def check_logger_config(logger_cfg: DictConfig) -> None:
