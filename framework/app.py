@@ -9,11 +9,13 @@ import sys
 from typing import Callable
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from framework.compose import conf_dir, in_multirun, register
+from framework.compose import composition_error, conf_dir, in_multirun, register
 from framework.environment import quiet_libraries
-from framework.errors import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, ConfigError, NonFiniteLossError, PreemptedError
+from framework.errors import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_STORAGE, ConfigError, NonFiniteLossError, PreemptedError, StorageError
 from framework.launch import run_stage
 from framework.stages import STAGES
 
@@ -27,11 +29,30 @@ os.environ.pop("WANDB_SERVICE", None)
 
 
 def hydra_main(config_name: str):
-    """`@hydra.main` on conf/<config_name>.yaml, wherever conf/ is, with our resolvers and schemas registered."""
+    """`@hydra.main` on conf/<config_name>.yaml, wherever conf/ is, with our resolvers and schemas registered.
+
+    A mistake on the command line (an unknown option or key, a wrong type) is one line naming the key and
+    exit code 2, not Hydra's several lines and exit 1: Hydra is told to raise its errors (HYDRA_FULL_ERROR),
+    and they are reported here.
+    """
     register()
 
     def decorate(main: Callable[[DictConfig], object]):
-        return hydra.main(config_path=conf_dir(), config_name=config_name, version_base="1.3")(main)
+        hydra_entry = hydra.main(config_path=conf_dir(), config_name=config_name, version_base="1.3")(main)
+
+        @functools.wraps(main)
+        def entry() -> None:
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                hydra_entry()
+            except ConfigError as err:  # a failed job of a multirun, raised again by Hydra at the end
+                _exit_with(str(err), EXIT_CONFIG)
+            except (HydraException, OmegaConfBaseException) as err:
+                _exit_with(str(composition_error(err, config_name, [a for a in sys.argv[1:] if not a.startswith("-")])), EXIT_CONFIG)
+            except OSError as err:  # Hydra creating the run directory, or a file of ours: permission, disk full
+                _exit_with(f"{err.filename or 'a file'}: {err.strerror or err}", EXIT_STORAGE)
+
+        return entry
 
     return decorate
 
@@ -81,6 +102,8 @@ def run_recipe(work: Callable[[DictConfig], object], cfg: DictConfig) -> object:
         _fail(str(err), EXIT_NONFINITE, err)
     except PreemptedError as err:
         _fail(str(err), EXIT_PREEMPTED, err)
+    except StorageError as err:
+        _fail(str(err), EXIT_STORAGE, err)
 
 
 def run_stage_recipe(kind: str, cfg: DictConfig) -> object:
@@ -107,7 +130,11 @@ def run_function_recipe(function: Callable[[DictConfig], object], cfg: DictConfi
 
 
 def _fail(message: str, code: int, error: Exception) -> None:
-    print(f"error: {message}", file=sys.stderr)
     if in_multirun():
-        raise error
+        raise error  # the sweep records this job as failed and goes on
+    _exit_with(message, code)
+
+
+def _exit_with(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

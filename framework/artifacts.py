@@ -25,6 +25,7 @@ FINGERPRINT = "fingerprint"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 MODEL = "model"
+MANIFEST = "manifest.json"  # size and sha256 of every file of the artifact, written just before COMPLETE
 
 # What a model/ directory holds, told by the file that only that format writes (checked in this order).
 FORMAT_MARKERS = (
@@ -43,11 +44,25 @@ def atomic_directory(target: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
     try:
         yield tmp
+        shareable(tmp)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shareable(directory: str) -> None:
+    """Ordinary permissions (as the umask allows) for a tree whose temporary origin made it private:
+    mkdtemp creates 0700 and some writers 0600 files, yet artifacts and caches are meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -105,15 +120,61 @@ def model_format(model_dir: str) -> str | None:
 
 
 def check_artifact(stage_dir: str, key: str) -> str:
-    """Refuse, in one line naming `key`, a path that is not a whole artifact; return its model format."""
+    """Refuse, in one line naming `key`, a path that is not a whole, intact artifact; return its model format."""
     if not os.path.isdir(stage_dir):
-        raise ConfigError(key, f"'{stage_dir}' does not exist")
+        raise ConfigError(key, f"'{stage_dir}' does not exist" if not os.path.exists(stage_dir) else f"'{stage_dir}' is a file, not an artifact directory")
     if not is_complete(stage_dir):
         raise ConfigError(key, f"'{stage_dir}' is not a complete artifact (no {COMPLETE} file: not a stage's output, or cut before it finished)")
+    damage = damaged(stage_dir)
+    if damage:
+        raise ConfigError(key, f"'{stage_dir}' is damaged: {damage} (rerun the command that wrote it)")
     found = model_format(os.path.join(stage_dir, MODEL))
     if found is None:
         raise ConfigError(key, f"'{stage_dir}' holds no model (nothing readable in {MODEL}/)")
     return found
+
+
+def _artifact_files(stage_dir: str) -> list[str]:
+    """The files a manifest covers, relative to the stage directory: model/ and the metrics and config."""
+    model_dir = os.path.join(stage_dir, MODEL)
+    files = [os.path.relpath(os.path.join(root, name), stage_dir) for root, _, names in os.walk(model_dir) for name in names]
+    return sorted(files) + [METRICS, CONFIG]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(stage_dir: str) -> None:
+    files = {name: {"bytes": os.path.getsize(os.path.join(stage_dir, name)), "sha256": _sha256(os.path.join(stage_dir, name))} for name in _artifact_files(stage_dir)}
+    atomic_write_json(os.path.join(stage_dir, MANIFEST), {"files": files})
+
+
+def damaged(stage_dir: str) -> str | None:
+    """What is wrong with a complete artifact's files against its manifest (None: intact, or written before
+    manifests existed). Sizes are compared first, so a truncated file is found without hashing."""
+    path = os.path.join(stage_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return f"its {MANIFEST} is unreadable"
+    for name, expected in files.items():
+        full = os.path.join(stage_dir, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != expected["bytes"]:
+            return f"{name} has {os.path.getsize(full)} bytes, {expected['bytes']} when written"
+    for name, expected in files.items():
+        if _sha256(os.path.join(stage_dir, name)) != expected["sha256"]:
+            return f"{name} has changed since it was written (sha256 differs)"
+    return None
 
 
 def read_metrics(stage_dir: str) -> dict:
@@ -137,6 +198,7 @@ def write_artifact(stage_dir: str, save_model, metrics: dict, config: DictConfig
     config_yaml = OmegaConf.to_yaml(config if isinstance(config, DictConfig) else OmegaConf.create(config))
     atomic_write_text(os.path.join(stage_dir, CONFIG), config_yaml)
     atomic_write_text(os.path.join(stage_dir, FINGERPRINT), stage_fingerprint + "\n")
+    write_manifest(stage_dir)
     atomic_write_text(os.path.join(stage_dir, COMPLETE), stage_fingerprint + "\n")
 
 

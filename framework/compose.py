@@ -16,9 +16,11 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from framework.config import PipelineConfig, short_hash
+from framework.config import PipelineConfig, short_hash, unknown_key_message
 from framework.distributed import is_rank_zero
 from framework.errors import ConfigError
 from framework.stages import STAGES
@@ -85,6 +87,8 @@ def register() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     store = ConfigStore.instance()
+    if "pipeline_schema.yaml" in store.repo:
+        return  # storing converts each schema again: costly, and once is enough
     for kind, stage in STAGES.items():
         store.store(name=f"{kind}_schema", node=stage.schema)
     store.store(name="pipeline_schema", node=PipelineConfig)
@@ -101,7 +105,81 @@ def _initialized() -> Iterator[None]:
 
 
 def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """conf/<config_name>.yaml with command-line style overrides, as the recipe of that name composes it."""
+    """conf/<config_name>.yaml with command-line style overrides, as the recipe of that name composes it.
+
+    A composition error (unknown option or key, wrong type, bad syntax) is a ConfigError naming the key.
+    """
     register()
-    with _initialized():
-        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    try:
+        with _initialized():
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err, config_name, overrides) from None
+
+
+# --- Hydra's composition errors, in one line --------------------------------------------------------------------
+
+def composition_error(err: Exception, config_name: str, overrides: Sequence[str]) -> ConfigError:
+    """A ConfigError naming the key for one of Hydra's composition errors (an unknown option or key, a wrong
+    type, bad syntax), which Hydra itself reports in several lines."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(err)
+    first = text.splitlines()[0] if text else type(err).__name__
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException):
+        group, options = _missing_option(text)
+        if group:
+            choice = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=")[0] == group), "?")
+            return ConfigError(group, f"'{choice}' is not an option (options: {', '.join(options)})")
+        return ConfigError("config", first)
+    if isinstance(err, OverrideParseException):
+        return ConfigError(_override_key(text, overrides) or "command line", f"cannot parse it: {first}")
+    match = re.match(r"Could not override '([\w.]+)'\. No match in the defaults list", first)
+    if match:
+        group = match[1]
+        why = "this stage takes its model from input=<artifact>" if group == "model" else f"{config_name} has no '{group}' choice"
+        return ConfigError(group, f"not an option here: {why}")
+    match = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", first)
+    if match:
+        return ConfigError(match[1], f"'{match[2]}' is several values: add -m to run one job per value, or write [{match[2]}] for a list")
+    match = re.match(r"Could not append to config\. An item is already at '([\w.]+)'", first)
+    if match:
+        return ConfigError(match[1], f"is already set: write {match[1]}=<value> (without +)")
+    if cause is not None and getattr(cause, "full_key", None):
+        key = cause.full_key
+        cause_first = str(cause).splitlines()[0]
+        if "not in" in cause_first:
+            return ConfigError(key, unknown_key_message(key.split(".")[-1], _keys_beside(config_name, key)))
+        match = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", cause_first)
+        if match:
+            return ConfigError(key, f"'{match[1]}' is not a{'n' if match[2][0] in 'AEIOU' else ''} {match[2].lower()}")
+        return ConfigError(key, cause_first)
+    return ConfigError(_override_key(text, overrides) or "config", first)
+
+
+def _missing_option(text: str) -> tuple[str | None, list[str]]:
+    """('optimizer', [options]) from Hydra's "Could not find 'optimizer/adagrad'" report."""
+    match = re.search(r"Could not find '([\w/]+)/[^']*'", text)
+    if not match:
+        return None, []
+    group = match[1].replace("/", ".")
+    listed = re.search(r"Available options in '[\w/]+':\n((?:\t.*\n?)*)", text)
+    options = [line.strip() for line in listed[1].splitlines() if line.strip()] if listed else []
+    return group, options
+
+
+def _override_key(text: str, overrides: Sequence[str]) -> str | None:
+    for override in overrides:
+        if override in text:
+            return override.lstrip("+~").split("=")[0]
+    return None
+
+
+def _keys_beside(config_name: str, full_key: str) -> list[str]:
+    """The keys next to `full_key` in the config as composed without overrides (for 'did you mean')."""
+    try:
+        node = OmegaConf.select(compose(config_name), full_key.rpartition(".")[0]) if "." in full_key else compose(config_name)
+    except ConfigError:
+        return []
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []

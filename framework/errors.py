@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_STORAGE = 2, 3, 4, 5
 
 
 class ConfigError(ValueError):
@@ -23,3 +23,7 @@ class NonFiniteLossError(RuntimeError):
 
 class PreemptedError(RuntimeError):
     """The job was told to stop (SIGUSR1) and saved last.ckpt; rerunning the same command resumes it."""
+
+
+class StorageError(RuntimeError):
+    """A file could not be written (permission, disk full, read-only): the message names the path and the cause."""

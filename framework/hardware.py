@@ -64,6 +64,16 @@ def check_machine(cfg: DictConfig) -> None:
             raise ConfigError("strategy.stage", f"ZeRO stage must be 1, 2 or 3, got {cfg.strategy.stage}")
     if cfg.precision.name == "auto":
         cfg.precision.name = auto_precision(has_gpu)
+    if cfg.strategy.name == "auto" and _device_count(cfg.trainer.devices) > 1:
+        # Lightning's auto would pick DDP with its own launcher, which re-runs the command line in each
+        # child (a -m sweep in every child: Lightning #11300); ours starts the ranks from the stage config.
+        cfg.strategy.name = "ddp"
+
+
+def _device_count(devices) -> int:
+    if devices in ("auto", -1, "-1"):
+        return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return int(devices) if str(devices).isdigit() else 1
 
 
 def machine_info() -> dict:

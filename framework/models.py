@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("llama", "gpt2", "pretrained", "artifact")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte before its first merge
 LOWRANK_SPEC = "lowrank.json"
 SHARING_SPEC = "sharing.json"
 
@@ -58,7 +59,8 @@ def check_model_config(model: DictConfig) -> None:
     if model.tokenizer == "bpe":
         if model.vocab_size is None:
             raise ConfigError("model.vocab_size", "a BPE tokenizer trained on the corpus needs a vocabulary size")
-        positive("model.vocab_size", model.vocab_size)
+        if model.vocab_size < MIN_BPE_VOCAB:
+            raise ConfigError("model.vocab_size", f"must be >= {MIN_BPE_VOCAB} (256 byte tokens and {len(SPECIAL_TOKENS)} special tokens), got {model.vocab_size}")
     if model.share_layers > model.num_layers:
         raise ConfigError("model.share_layers", f"{model.share_layers} is more than the model's {model.num_layers} layers")
 

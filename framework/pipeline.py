@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from framework import artifacts, report
 from framework.compose import compose
+from framework.config import unknown_key_message
 from framework.errors import ConfigError
 from framework.launch import run_stage
 from framework.stages import STAGES
@@ -43,8 +44,8 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
     choices = spec.get("groups") or {}
     try:
         cfg = compose(kind, [*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
-    except Exception as err:  # Hydra's composition error: an unknown group option, most often
-        raise ConfigError(f"pipeline.stages.{name}.groups", str(err).splitlines()[0]) from None
+    except ConfigError as err:  # an unknown option in the stage's groups, most often
+        raise err.under(f"pipeline.stages.{name}.groups") from None
     # Where every stage runs (precision, strategy, devices), unless the stage chose its own group.
     hardware = OmegaConf.to_container(OmegaConf.masked_copy(pipeline_cfg, ["trainer", *(g for g in ("precision", "strategy") if g not in choices)]))
     values = OmegaConf.masked_copy(spec, [k for k in spec if k not in SPEC_KEYS])
@@ -57,7 +58,11 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
         return OmegaConf.merge(cfg, hardware, pipeline_cfg.common, values, shared)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
-        raise ConfigError(f"pipeline.stages.{name}.{key}".rstrip("."), str(err).splitlines()[0]) from None
+        message = str(err).splitlines()[0]
+        if "not in struct" in message or ("Key '" in message and "not in" in message):
+            parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg
+            message = unknown_key_message(key.split(".")[-1], [str(k) for k in parent.keys()])
+        raise ConfigError(f"pipeline.stages.{name}.{key}".rstrip("."), message) from None
 
 
 def plan(cfg: DictConfig) -> list[PlannedStage]:

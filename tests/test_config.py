@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from hydra.errors import MissingConfigException
 
 from framework.config import to_schema
 from framework.errors import ConfigError
@@ -111,20 +110,25 @@ def test_bad_input_gives_one_line_error_naming_the_key(overrides, key, message):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("optimizer.lr=fast", "could not be converted to Float"), ("optimizer.learning_rate=1e-3", "Could not override")],
+    [
+        ("optimizer.lr=fast", "optimizer.lr: 'fast' is not a float"),
+        ("optimizer.learning_rate=1e-3", "optimizer.learning_rate: unknown key (allowed: name, lr,"),
+        ("optimizer=adagrad", "optimizer: 'adagrad' is not an option (options: adam, adamw, rmsprop, sgd)"),
+    ],
 )
-def test_wrong_type_or_unknown_key_is_refused_when_composing(override, message):
-    # The schemas are part of the composed config, so Hydra checks overrides against them.
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException) as error:
+def test_wrong_type_unknown_key_or_option_is_refused_when_composing(override, message):
+    # The schemas are part of the composed config, so composition checks overrides against them and says so in one line.
+    with pytest.raises(ConfigError) as error:
         compose_config("train", [override])
-    assert message in str(error.value) + str(error.value.__cause__)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
 
 
-def test_unknown_config_group_option_is_refused():
-    with pytest.raises(MissingConfigException, match="optimizer/adagrad"):
-        compose_config("train", ["optimizer=adagrad"])
+def test_several_devices_without_a_strategy_run_our_ddp_launch():
+    """strategy=auto with 2 devices would be Lightning's own DDP launcher, which re-runs the command line in each
+    child (a -m sweep in every child, Lightning #11300); it becomes strategy=ddp, whose ranks we start."""
+    assert validate_train_config(compose_config("train", ["trainer.devices=2"])).strategy.name == "ddp"
+    assert validate_train_config(compose_config("train", [])).strategy.name == "auto"
 
 
 def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):

@@ -124,6 +124,22 @@ def test_changing_quantize_reruns_quantize_and_distill_only(finished_run):
     assert read_metrics(str(run_dir / "quantize"))["quantization"] == "int8_dynamic"
 
 
+def test_a_damaged_stage_is_found_on_rerun_and_made_again(finished_run):
+    from framework.artifacts import damaged
+
+    run_dir, rows = finished_run
+    run_pipeline(pipeline_config(run_dir))  # back to the default settings, whatever an earlier test changed
+    weights = run_dir / "prune" / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    before = completion_times(run_dir)
+    again = run_pipeline(pipeline_config(run_dir))
+    assert [r["stage"] for r in again if not r["cached"]] == ["prune"]  # the rest still matches its fingerprint
+    assert weights.stat().st_size == size and damaged(str(run_dir / "prune")) is None
+    assert {r["stage"]: r["size_mb"] for r in again} == {r["stage"]: r["size_mb"] for r in rows}
+    assert completion_times(run_dir)["quantize"] == before["quantize"]
+
+
 def test_misspelt_stage_key_is_refused_before_any_work(tmp_path):
     from framework.errors import ConfigError
 

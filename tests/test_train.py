@@ -113,6 +113,15 @@ def test_csv_log_has_loss_lr_and_throughput_every_step(train_config, tmp_path):
     assert len([r for r in rows if r.split(",")[header.split(",").index("train/loss")]]) == 4
 
 
+def test_a_fresh_run_prints_no_misleading_checkpoint_warning(train_config):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(train_config("trainer.max_steps=2"))
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+
+
 def test_gpt2_and_optimizer_choices_train(train_config, tmp_path):
     for i, choice in enumerate(["model=gpt2_tiny optimizer=sgd scheduler=linear", "optimizer=rmsprop scheduler=constant"]):
         metrics = train(train_config(*choice.split(), "trainer.max_steps=3", "optimizer.lr=1e-3", run_dir=tmp_path / str(i)))

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework import artifacts
-from framework.config import ModelConfig, StageConfig, one_of, to_schema
+from framework.config import ModelConfig, StageConfig, one_of, to_schema, unknown_key_message
 from framework.data import check_data_config
 from framework.errors import ConfigError
 from framework.hardware import check_machine
@@ -98,12 +98,19 @@ class Stage:
         `planned_inputs` ({input key: model format}) stands for input artifacts a pipeline has not yet
         written; without it the input artifact must exist and is checked.
         """
-        keys = self.schema.__dataclass_fields__
-        typed = to_schema(OmegaConf.create({k: cfg[k] for k in keys if k in cfg}), self.schema)
+        keys = list(self.schema.__dataclass_fields__)
+        unknown = [k for k in cfg if k not in keys]
+        if unknown:  # `+foo=1` on the command line: Hydra adds it, nothing would read it
+            raise ConfigError(unknown[0], unknown_key_message(unknown[0], keys))
+        # Plain values, not the composed nodes: a key added with `+` to a typed node would pass the merge.
+        typed = to_schema(OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys if k in cfg}), self.schema)
         if self.methods:
             with open_dict(typed):
                 typed[self.section] = self.typed_section(typed[self.section])
         self._resolve_input(typed, planned_inputs)
+        missing = sorted(OmegaConf.missing_keys(typed))
+        if missing:
+            raise ConfigError(missing[0], f"is required: set it on the command line ({missing[0]}=<value>)")
         check_common(typed)
         self.check(typed)
         return typed

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from framework.compression import sharing
 from framework.config import one_of
 from framework.errors import ConfigError
-from framework.stages.base import Stage
+from framework.stages.base import Stage, artifact_config, num_layers
 from framework.training import StageHooks, train
 
 
@@ -34,6 +34,9 @@ class ShareStage(Stage):
         if cfg.share.group_size < 2:
             raise ConfigError("share.group_size", f"must be >= 2 (layers per shared group), got {cfg.share.group_size}")
         one_of("share.init", cfg.share.init, sharing.INITS)
+        layers = num_layers(artifact_config(cfg.input))
+        if layers is not None and cfg.share.group_size > layers:
+            raise ConfigError("share.group_size", f"{cfg.share.group_size} is more than the model's {layers} layers")
         if cfg.strategy.name == "model_parallel":
             raise ConfigError("strategy", "model_parallel shards each layer on its own; layers that share weights cannot be sharded apart (use ddp)")
 

@@ -13,9 +13,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-from framework.errors import NonFiniteLossError, PreemptedError
+from framework.errors import NonFiniteLossError, PreemptedError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,14 @@ class AtomicCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         directory, name = os.path.split(filepath)
         tmp = os.path.join(directory, f".{name}.tmp")
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            if trainer.is_global_zero:
+                if not os.path.isfile(tmp):  # Lightning's writer swallows a PermissionError: find the real cause
+                    raise unwritable(directory) or OSError(f"{tmp} was not written")
+                os.replace(tmp, filepath)
+        except OSError as err:
+            raise StorageError(f"cannot write checkpoint {filepath}: {err.strerror or err}") from None
         trainer.strategy.barrier("atomic_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -123,6 +128,23 @@ class AtomicCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt):
             self.save_last_checkpoint(trainer, "interrupted")
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """Lightning warns that the directory 'exists and is not empty' on every fresh run, because it holds our
+        fingerprint file. Checkpoints of another config are set aside before training (training.loop), so
+        there is nothing to warn about."""
+
+
+def unwritable(directory: str) -> OSError | None:
+    """The error that writing a file into `directory` gives (permission, disk full, read-only), or None."""
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.unlink(probe)
+    except OSError as err:
+        return err
+    return None
 
 
 class RequeueOnSignal(pl.Callback):
@@ -161,3 +183,15 @@ class RequeueOnSignal(pl.Callback):
         elif "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
         raise PreemptedError(f"stopped by signal {self.signum} at step {trainer.global_step}; last.ckpt saved, rerun to resume")
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress in optimizer steps of the stage. The batch stream is endless and every stage is one
+    "epoch", so Lightning's own bar would read 'Epoch 0/-2' with no total."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps * self.trainer.accumulate_grad_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'training':{len(self.validation_description)}}"

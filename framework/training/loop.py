@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -27,7 +28,7 @@ from framework.data import LMDataModule, corpus_id, load_documents
 from framework.distributed import is_rank_zero, local_world_size
 from framework.evaluation import evaluate_loss, model_metrics, perplexity
 from framework.models import build_model_and_tokenizer, save_model_dir
-from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, Throughput
+from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
 from framework.training.modules import CausalLMModule
 from framework.training.tracking import CHECKPOINTS, build_loggers, finish, log_stage_artifact
 
@@ -61,12 +62,28 @@ def enclosing_stage(run_dir: str, stage_dir: str) -> str | None:
 
 
 def resumable_checkpoint(stage_dir: str, stage_fingerprint: str) -> str | None:
-    """last.ckpt when it was written for this very config, else None (decided alike on every rank)."""
+    """The newest intact checkpoint written for this very config: last.ckpt, else the latest step*.ckpt;
+    None to start afresh. Decided alike on every rank (each reads the same files)."""
     directory = checkpoint_dir(stage_dir)
-    path = os.path.join(directory, "last.ckpt")
     if artifacts.read_fingerprint(directory) not in (None, stage_fingerprint):
         return None
-    return path if os.path.isfile(path) else None
+    steps = sorted(glob.glob(os.path.join(directory, "step*.ckpt")), reverse=True)
+    candidates = [path for path in (os.path.join(directory, "last.ckpt"), *steps) if os.path.isfile(path)]
+    for path in candidates:
+        if intact_checkpoint(path):
+            return path
+        log.warning("%s is damaged (not a whole checkpoint): %s", path, "trying an older one" if path != candidates[-1] else "starting the stage afresh")
+    return None
+
+
+def intact_checkpoint(path: str) -> bool:
+    """Whether a checkpoint file is whole: torch.save writes a zip archive, whose entries carry CRCs, so
+    garbage or a cut file shows without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 def claim_checkpoints(stage_dir: str, stage_fingerprint: str) -> None:
@@ -120,9 +137,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
     )
     callbacks = [*callbacks, checkpointing, RequeueOnSignal(checkpointing), NanGuard()]
     if t.enable_progress_bar:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -162,14 +177,15 @@ def apply_lora(model, finetune_cfg: DictConfig):
     return get_peft_model(model, lora)
 
 
-def gather_shards(sharded, plain):
-    """The weights of an FSDP2-sharded model, gathered into `plain` (every rank takes part; rank 0 receives them)."""
+def gather_shards(sharded, plain, prefix: str = ""):
+    """The weights of a sharded model (FSDP2, or FSDP1 around a module whose keys start with `prefix`), gathered
+    into `plain` on the CPU (every rank takes part; rank 0 receives them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if state:  # empty on ranks other than 0
-        plain.load_state_dict(state)
-    return plain
+        plain.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()})
+    return plain.cpu()
 
 
 def merged_model(model):
@@ -227,8 +243,11 @@ def train(
     stage_dir = stage_dir or cfg.run_dir
     stage_fingerprint = artifacts.fingerprint(semantic_config(cfg), input_fingerprints)
     if artifacts.is_complete(stage_dir, stage_fingerprint):
-        log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
-        return artifacts.read_metrics(stage_dir)
+        damage = artifacts.damaged(stage_dir)
+        if damage is None:
+            log.info("%s is complete with the same fingerprint: nothing to do", stage_dir)
+            return artifacts.read_metrics(stage_dir)
+        log.warning("%s is damaged (%s): running the stage again", stage_dir, damage)
     resume_from = resumable_checkpoint(stage_dir, stage_fingerprint)
     if is_rank_zero():
         artifacts.invalidate(stage_dir)
@@ -251,8 +270,8 @@ def train(
     if cfg.finetune.method == "lora":
         model = apply_lora(model, cfg.finetune)
     module = (hooks.module_factory or default_module)(model, cfg)
-    # model_parallel shards the weights in place during fit; a plain copy receives them back afterwards.
-    unsharded = copy.deepcopy(module.model) if cfg.strategy.name == "model_parallel" else None
+    # model_parallel and fsdp shard the weights during fit; a plain copy receives them back afterwards.
+    unsharded = copy.deepcopy(module.model) if cfg.strategy.name in ("model_parallel", "fsdp") else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg), part_of)
@@ -269,7 +288,9 @@ def train(
         _log_start(loggers, cfg, val_loss_start)
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        if unsharded is not None:
+        if cfg.strategy.name == "fsdp":  # FSDP wraps the whole LightningModule, whose keys start with "model."
+            module.model = gather_shards(trainer.strategy.model, unsharded, prefix="model.")
+        elif unsharded is not None:
             module.model = gather_shards(module.model, unsharded)
         if not (trainer.is_global_zero and is_rank_zero()):  # the trainer knows its rank only once it has trained
             return {}  # rank 0 alone evaluates and writes the artifact

@@ -134,6 +134,15 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(torch.as_tensor(val_loss)), sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP precision plugin refuses clipping by norm; FSDP's own clip_grad_norm_ takes the norm
+        # over every rank's shards, which is the norm of the whole model's gradient.
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and hasattr(wrapped, "clip_grad_norm_"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.scheduler_cfg, self.max_steps))
