@@ -46,17 +46,21 @@ class ModelConfig:
 class DataConfig:
     name: str = "stdlib_docs"
     source: str = "stdlib_docs"
-    paths: list[str] = field(default_factory=list)  # text_files: .txt / .jsonl / .parquet files
+    paths: list[str] = field(default_factory=list)  # text_files: .txt (cut into documents at blank lines), .jsonl, .parquet
+    val_paths: list[str] = field(default_factory=list)  # the val split's files (else val_fraction of the documents, by hash)
+    test_paths: list[str] = field(default_factory=list)  # files the evaluate recipe scores whole
     text_field: str = "text"
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"
+    streaming: bool = False  # hf_dataset: read the rows as they download, without downloading the split first
     max_chars: Optional[int] = None  # cap the corpus size (stdlib_modules is large)
     block_size: int = 128
     batch_size: int = 8
     val_fraction: float = 0.1
     max_val_blocks: Optional[int] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    num_proc: Optional[int] = None  # tokenizing threads when a corpus is prepared; null: one per CPU core
     seed: int = 0
 
 

@@ -212,20 +212,23 @@ def train_bpe_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, cor
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     target = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{short_hash(corpus_id)}")
-    if not os.path.isfile(os.path.join(target, "tokenizer.json")):
-        log.info("training a %d-token BPE tokenizer on %s", vocab_size, corpus_id)
-        bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=list(SPECIAL_TOKENS.values()),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        bpe.train_from_iterator(texts(), trainer=trainer)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
-        with atomic_directory(target) as tmp:
-            tokenizer.save_pretrained(tmp)
+    trained = lambda: os.path.isfile(os.path.join(target, "tokenizer.json"))  # noqa: E731
+    if not trained():
+        with artifacts.file_lock(target + ".lock"):  # the ranks of one run: one trains, the others wait and load
+            if not trained():
+                log.info("training a %d-token BPE tokenizer on %s", vocab_size, corpus_id)
+                bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+                bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                bpe.decoder = decoders.ByteLevel()
+                trainer = trainers.BpeTrainer(
+                    vocab_size=vocab_size,
+                    special_tokens=list(SPECIAL_TOKENS.values()),
+                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                )
+                bpe.train_from_iterator(texts(), trainer=trainer)
+                tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
+                with atomic_directory(target) as tmp:
+                    tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(target)
 
 

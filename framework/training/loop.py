@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from framework import artifacts
 from framework.config import as_plain
-from framework.data import LMDataModule, corpus_id, load_documents
+from framework.data import LMDataModule, training_texts
 from framework.distributed import is_rank_zero, local_world_size
 from framework.evaluation import evaluate_loss, model_metrics, perplexity
 from framework.models import build_model_and_tokenizer, save_model_dir
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Settings that change how a run looks or where it is written, not what it computes.
 NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger", "input")  # input: its fingerprint counts, not its path
 NON_SEMANTIC_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
+NON_SEMANTIC_DATA_KEYS = ("num_workers", "num_proc", "streaming", "test_paths")  # how data is read, not what
 
 
 def semantic_config(cfg: DictConfig) -> dict:
@@ -48,6 +49,8 @@ def semantic_config(cfg: DictConfig) -> dict:
         plain["model"].pop("path")  # the input's fingerprint stands for it, wherever it lies
     for key in NON_SEMANTIC_TRAINER_KEYS:
         plain.get("trainer", {}).pop(key, None)
+    for key in NON_SEMANTIC_DATA_KEYS:
+        plain.get("data", {}).pop(key, None)
     return plain
 
 
@@ -258,11 +261,8 @@ def train(
     started = time.perf_counter()
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    documents = load_documents(cfg.data)
-    model, tokenizer = build_model_and_tokenizer(
-        cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
-    )
-    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
+    model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=training_texts(cfg.data))
+    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed)
     val_loss_start = evaluate_loss(model, datamodule.val_blocks(), cfg.data.batch_size)
     model.train()  # evaluate_loss left it in eval mode, which Lightning would keep (no dropout)
     if hooks.prepare_model is not None:
