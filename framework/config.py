@@ -127,14 +127,17 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv is always on; wandb or tensorboard come in addition
+    name: str = "csv"  # csv is always on; wandb, mlflow or tensorboard come in addition
     project: str = "framework"
     entity: Optional[str] = None
     mode: str = "offline"  # wandb: offline (default, WANDB_MODE wins) | online | disabled
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     run_name: Optional[str] = None
-    uses: list[str] = field(default_factory=list)  # the stages whose artifacts this one reads (lineage)
+    uses: list[str] = field(default_factory=list)  # the stage directories whose artifacts this one reads (lineage)
+    tracking_uri: Optional[str] = None  # mlflow: the tracking server (conf/logger/mlflow.yaml: a local one)
+    experiment: str = "framework"  # mlflow: the experiment the runs go into
+    log_model: bool = True  # mlflow: upload each stage's model/ and register it as a model version
 
 
 @dataclass

@@ -22,6 +22,7 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("data", "labeled_files"): ["task=classification", "data.paths=[{csv_file}]"],
     **{option: ["task=classification"] for option in [("data", "default_classification"), ("data", "stdlib_topics"),
                                                        ("model", "minilm_l6"), ("model", "default_classification")]},
+    ("logger", "mlflow"): ["logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],  # its default is a server: none here
 }
 GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3"))}
 
@@ -44,6 +45,7 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     csv_file = tmp_path / "labeled.csv"
     csv_file.write_text("text,label\nhello there,a\ngood bye,b\n")
     extra = [o.format(text_file=text_file, smol_dir=smol_dir, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]

@@ -28,7 +28,7 @@ from framework.distributed import is_rank_zero, local_world_size
 from framework.models import save_model_dir
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
 from framework.training.tasks import TASKS
-from framework.training.tracking import build_loggers, finish, log_stage_artifact
+from framework.training.tracking import CHECKPOINTS, build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,13 @@ def semantic_config(cfg: DictConfig) -> dict:
 
 
 def checkpoint_dir(stage_dir: str) -> str:
-    return os.path.join(stage_dir, "checkpoints")
+    return os.path.join(stage_dir, CHECKPOINTS)
+
+
+def enclosing_stage(run_dir: str, stage_dir: str) -> str | None:
+    """The stage a run in a subdirectory of its config's run_dir is a part of (distill's baseline), else None."""
+    run_dir, stage_dir = os.path.abspath(run_dir), os.path.abspath(stage_dir)
+    return run_dir if stage_dir != run_dir and os.path.commonpath([run_dir, stage_dir]) == run_dir else None
 
 
 def resumable_checkpoint(stage_dir: str, stage_fingerprint: str) -> str | None:
@@ -147,7 +153,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
         num_sanity_val_steps=0,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
+        log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),  # a stage shorter than that logs its last step
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
@@ -247,6 +253,9 @@ def train(
     if is_rank_zero():
         artifacts.invalidate(stage_dir)
     claim_checkpoints(stage_dir, stage_fingerprint)
+    part_of = enclosing_stage(cfg.run_dir, stage_dir)
+    if part_of:  # its tracker run nests under that stage's, which this claims for this config (they share it)
+        claim_checkpoints(part_of, stage_fingerprint)
     started = time.perf_counter()
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -263,7 +272,7 @@ def train(
     unsharded = copy.deepcopy(module.model) if cfg.strategy.name in ("model_parallel", "fsdp") else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
-    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg), part_of)
     callbacks = [throughput, *hooks.callbacks, *_extra_callbacks.get()]
     if cfg.finetune.keep_sparsity:
         from framework.compression.gradual import KeepZeros
@@ -272,7 +281,9 @@ def train(
     trainer = build_trainer(cfg, stage_dir, callbacks, loggers)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    error = None
     try:
+        _log_start(loggers, cfg, start_metrics)
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if cfg.strategy.name == "fsdp":  # FSDP wraps the whole LightningModule, whose keys start with "model."
@@ -292,14 +303,28 @@ def train(
         metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
         save = hooks.save_model or save_model_dir
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
-        task.after_artifact(stage_dir, metrics)
-        for logger in loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
+        task.after_artifact(stage_dir, metrics)  # before the tracker takes the stage's files
+        for logger in loggers:  # under the names of metrics.json, after the last training step
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics.get("train_steps", 0))
+        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint, part_of)
         log.info("%s: %s %.4g (was %.4g)", stage_dir, task.measure, metrics[task.measure], metrics[f"{task.measure}_start"])
         return artifacts.read_metrics(stage_dir)
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        finish(loggers)
+        finish(loggers, cfg.logger, error)
+
+
+def _log_start(loggers, cfg: DictConfig, start_metrics: dict) -> None:
+    """The val measures of the model the stage was given (val/loss, val/ppl or val/accuracy), at step 0: where its
+    curves start (a one-shot stage's only step). Not when Lightning validates after the first step, which it logs
+    at step 0 as well."""
+    if cfg.trainer.max_steps > 0 and cfg.trainer.val_check_interval == 1:
+        return
+    start = {f"val/{name.removeprefix('val_').removesuffix('_start')}": value for name, value in start_metrics.items()}
+    for logger in loggers:
+        logger.log_metrics(start, step=0)
 
 
 def _training_totals(trainer: pl.Trainer, throughput: Throughput) -> dict:
