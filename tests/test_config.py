@@ -44,8 +44,7 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
     csv_file = tmp_path / "labeled.csv"
     csv_file.write_text("text,label\nhello there,a\ngood bye,b\n")
-    extra = [o.format(text_file=text_file, smol_dir=smol_dir, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
-    extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path) for o in GROUP_NEEDS.get((group, option), [])]
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]
