@@ -4,7 +4,6 @@ skipped for an intact one, a write that fails names its real cause, and artifact
 import contextlib
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from framework.artifacts import damaged, is_complete, read_metrics
+from framework.artifacts import damaged, is_complete
 from framework.errors import StorageError
 from framework.stages import STAGES
 from framework.training import extra_callbacks

@@ -89,8 +89,21 @@ class _AppendingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = [key for key in next(csv.reader(f), []) if key]
+            self.metrics_keys = self._header()
+
+    def _header(self) -> list[str]:
+        with open(self.metrics_file_path, newline="") as f:
+            return [key for key in next(csv.reader(f), []) if key]
+
+    def save(self) -> None:
+        # Another process may have added columns since this writer last looked: under ddp_spawn the parent logs
+        # the start and the end of a stage and a spawned worker the steps between, into one file.
+        if self.metrics and os.path.isfile(self.metrics_file_path):
+            header = self._header()
+            if set(header) != set(self.metrics_keys):
+                self.metrics_keys = sorted(set(header) | set(self.metrics_keys))
+                self._rewrite_with_new_header(self.metrics_keys)
+        super().save()
 
 
 class StageCSVLogger(SkipLoggedSteps, CSVLogger):
