@@ -35,6 +35,15 @@ def _group_contributions(attn: nn.Module, x: torch.Tensor, num_groups: int) -> t
     return per_head.view(num_groups, -1).sum(dim=1)  # query heads of a group are contiguous
 
 
+def _influence(args: tuple, kwargs: dict, out, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A block's influence on its tokens (ShortGPT), summed: 1 - cos(block input, block output), over the tokens
+    `mask` keeps (all when None)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    y = out[0] if isinstance(out, tuple) else out
+    change = 1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+    return (change if mask is None else change * mask).sum().cpu()
+
+
 @torch.no_grad()
 def _importance(model: nn.Module, calib: list[torch.Tensor]) -> _Importance:
     layers = model.model.layers
@@ -56,10 +65,7 @@ def _importance(model: nn.Module, calib: list[torch.Tensor]) -> _Importance:
 
     def on_block(i):
         def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            influence[i] += (1 - cos).sum().cpu()
+            influence[i] += _influence(args, kwargs, out)
         return hook
 
     handles = []
@@ -172,10 +178,7 @@ def _encoder_importance(model: nn.Module, calib: list[dict]) -> tuple[list[torch
 
     def on_block(i):
         def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            influence[i] += ((1 - cos) * state["mask"][..., 0]).sum().cpu()
+            influence[i] += _influence(args, kwargs, out, state["mask"][..., 0])
         return hook
 
     handles = []
