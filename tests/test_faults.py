@@ -16,20 +16,9 @@ from framework.artifacts import damaged, is_complete
 from framework.errors import StorageError
 from framework.stages import STAGES
 from framework.training import extra_callbacks
+from tests.test_train import CaptureModel, InterruptAt
 
 
-class CaptureModel(pl.Callback):
-    def on_train_end(self, trainer, pl_module):
-        self.model = pl_module.model
-
-
-class InterruptAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
