@@ -3,6 +3,10 @@
     python -m bench                              # every table, full size: SmolLM2-135M, ~25 min on an idle 2-core CPU
     python -m bench --tables pruning,quantization
     python -m bench --quick                      # tiny model, few blocks and steps: a smoke run, not numbers to quote
+    python -m bench --tables data --data-size 200MB   # the data table on a smaller corpus than its 2 GB default
+
+The data table builds a 2 GB text file and prepares it twice (1 and 2 workers): about an hour on an idle
+2-core CPU; its corpus and cache stay in outputs/bench/data/ for reruns.
 
 The compression tables keep their stage artifacts under outputs/bench/runs/, so a rerun reuses every finished stage.
 """
@@ -13,7 +17,7 @@ import warnings
 
 from framework.environment import quiet_libraries
 
-TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation", "deployment")
+TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation", "deployment", "data")
 
 
 def parse_tables(text: str) -> list[str]:
@@ -28,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the bench runs")
     parser.add_argument("--tables", type=parse_tables, default=list(TABLES), help=f"comma-separated, from {','.join(TABLES)} (default: all)")
+    parser.add_argument("--data-size", default=None, help="the data table's corpus size, e.g. 2GB (default), 200MB; --quick: 4MB")
     args = parser.parse_args()
 
     # Before the heavy imports, which log on import. Each training run would also print Lightning's
@@ -39,7 +44,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     from transformers.utils.logging import disable_progress_bar
 
-    from bench import compression, deployment, training
+    from bench import compression, data, deployment, training
 
     disable_progress_bar()
     size = compression.QUICK_SIZE if args.quick else compression.FULL_SIZE
@@ -50,6 +55,9 @@ def main() -> None:
             print(training.scaling_table(steps=(2, 5) if args.quick else training.SCALING_STEPS))
         elif table == "deployment":
             print(deployment.deployment_table(size, rounds=2 if args.quick else deployment.ROUNDS))
+        elif table == "data":
+            data_size = data.parse_size(args.data_size) if args.data_size else data.QUICK_DATA_SIZE if args.quick else data.DATA_SIZE
+            print(data.data_table(data_size, steps=5 if args.quick else data.TRAIN_STEPS))
         else:
             print(getattr(compression, f"{table}_table")(size))
 

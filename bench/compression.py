@@ -19,7 +19,7 @@ from bench.common import BENCH_DIR, warn_if_busy, write_table
 from framework import artifacts
 from framework.compose import compose
 from framework.compression import pruning
-from framework.data import packed_splits
+from framework.data import LMDataModule
 from framework.evaluation import PROMPT_TOKENS, evaluate_loss, measure_speed, perplexity
 from framework.hardware import describe_machine, machine_info
 from framework.models import load_model_dir, save_model_dir
@@ -86,23 +86,23 @@ def dense_artifact(size: BenchSize, out_dir: str) -> tuple[str, dict]:
     return dense_dir, measure_stage("train", size, dense_dir, ["trainer.max_steps=0"])
 
 
-def dense_data(dense_dir: str, size: BenchSize) -> tuple[DictConfig, object, dict]:
-    """(config, tokenizer, packed splits) of the dense artifact: the blocks its stages evaluate on."""
+def dense_data(dense_dir: str, size: BenchSize) -> tuple[DictConfig, object, LMDataModule]:
+    """(config, tokenizer, data) of the dense artifact: the blocks its stages evaluate on."""
     from transformers import AutoTokenizer
 
     cfg = STAGES["train"].validate(compose_stage_config("train", size, dense_dir))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(dense_dir, artifacts.MODEL))
-    return cfg, tokenizer, packed_splits(cfg.data, tokenizer, cfg.paths.cache_dir)
+    return cfg, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed)
 
 
 def data_description(dense_dir: str, size: BenchSize) -> str:
     """Model, data, block size and split sizes, for the captions."""
-    cfg, _, splits = dense_data(dense_dir, size)
-    val = min(size.val_blocks, len(splits["val"]))
+    cfg, _, data = dense_data(dense_dir, size)
+    val = min(size.val_blocks, len(data.val_set))
     return (
         f"{cfg.model.name} on {cfg.data.name} (blocks of {cfg.data.block_size} tokens; calibration and training "
-        f"from the train split of {len(splits['train'])} blocks; perplexity on the first {val} of "
-        f"{len(splits['val'])} val blocks)"
+        f"from the train split of {len(data.train_set)} blocks; perplexity on the first {val} of "
+        f"{len(data.val_set)} val blocks)"
     )
 
 
@@ -268,11 +268,11 @@ def measure_bf16(dense_dir: str, tokenizer, blocks: torch.Tensor, batch_size: in
 
 def quantization_rows(size: BenchSize, out_dir: str, dense_dir: str, dense: dict, methods: Sequence[tuple] = QUANT_METHODS) -> list[dict]:
     """fp32 (the dense artifact), bf16 (a cast), and each int8 method as the framework's quantize stage (PTQ)."""
-    cfg, tokenizer, splits = dense_data(dense_dir, size)
-    val_blocks = min(size.val_blocks, len(splits["val"]))
+    cfg, tokenizer, data = dense_data(dense_dir, size)
+    val_blocks = min(size.val_blocks, len(data.val_set))
     fp32 = {"run": "fp32", "size_bytes": dense["size_bytes"], "val_blocks": val_blocks, "val_ppl": dense["val_ppl"],
             "runtime": dense["runtime"], "decode_tokens_per_s_b1": dense["decode_tokens_per_s_b1"], "wall_time_s": None}
-    bf16 = {"run": "bf16", **measure_bf16(dense_dir, tokenizer, splits["val"][: min(val_blocks, size.bf16_val_blocks)], cfg.data.batch_size)}
+    bf16 = {"run": "bf16", **measure_bf16(dense_dir, tokenizer, data.val_set.first(min(val_blocks, size.bf16_val_blocks)), cfg.data.batch_size)}
     rows = [fp32, bf16]
     for label, overrides in methods:
         name = "quantize-" + "-".join(o.split("=")[-1] for o in overrides)

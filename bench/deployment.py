@@ -80,8 +80,8 @@ def interleaved_speed(runtimes: dict, prompt, rounds: int) -> dict[str, dict]:
 
 def deployment_rows(size: BenchSize, out_dir: str, exports: Sequence[tuple] = EXPORTS, rounds: int = ROUNDS) -> list[dict]:
     dense_dir, dense = dense_artifact(size, out_dir)
-    cfg, tokenizer, splits = dense_data(dense_dir, size)
-    val = splits["val"][: min(size.val_blocks, len(splits["val"]))]
+    cfg, tokenizer, data = dense_data(dense_dir, size)
+    val = data.val_set.first(size.val_blocks)
     bf16 = measure_bf16(dense_dir, tokenizer, val[: size.bf16_val_blocks], cfg.data.batch_size)
     rows = [
         {"run": "torch fp32", "size_bytes": dense["size_bytes"], "val_ppl": dense["val_ppl"], "ppl_ratio": 1.0},

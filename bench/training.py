@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from bench.common import BENCH_DIR, StepEnds, warn_if_busy, window_tokens_per_s, write_table
 from framework.compose import compose
-from framework.data import ResumableBatchSampler, corpus_id, load_documents, packed_splits
+from framework.data import LMDataModule, ResumableBatchSampler, training_texts
 from framework.hardware import describe_machine
 from framework.launch import run_stage
 from framework.models import build_model_and_tokenizer
@@ -67,11 +67,8 @@ def run_plain_loop(cfg: DictConfig, warmup: int) -> dict:
     if cfg.precision.name not in ("32-true", "bf16-mixed") or cfg.optimizer.name != "adamw":
         raise ValueError("the plain loop does AdamW in 32-true or bf16-mixed only")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    documents = load_documents(cfg.data)
-    model, tokenizer = build_model_and_tokenizer(
-        cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
-    )
-    blocks = packed_splits(cfg.data, tokenizer, cfg.paths.cache_dir, documents)["train"]
+    model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir, corpus=training_texts(cfg.data))
+    blocks = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed).train_set
     batches = ResumableBatchSampler(len(blocks), cfg.data.batch_size, cfg.seed)
 
     params = list(model.parameters())
@@ -82,7 +79,7 @@ def run_plain_loop(cfg: DictConfig, warmup: int) -> dict:
     model.train()
     step_ends = []
     for _, indices in zip(range(cfg.trainer.max_steps), batches):
-        input_ids = blocks[indices]
+        input_ids = blocks.stack(indices)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.name == "bf16-mixed"):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()

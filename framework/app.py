@@ -23,6 +23,9 @@ from framework.stages import STAGES
 # default, which training.callbacks.RequeueOnSignal handles) instead of submitit's USR2. Set at import, before
 # Hydra's submitit launcher imports submitit, and inherited by the jobs it submits.
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+# A recipe starts a wandb service of its own, not the one of the process that started it (WANDB_SERVICE): a run
+# of a killed recipe stays "in use" in a service that outlives it, and its resume would be refused.
+os.environ.pop("WANDB_SERVICE", None)
 
 
 def hydra_main(config_name: str):

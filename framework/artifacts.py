@@ -8,9 +8,11 @@ directory without it is not an artifact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import framework
 from framework.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 FINGERPRINT = "fingerprint"
@@ -55,6 +59,26 @@ def atomic_directory(target: str) -> Iterator[str]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if needed) for the duration of the block.
+
+    One process at a time, on this machine or on any node sharing the filesystem (POSIX record locks,
+    which NFS carries); the lock dies with its process, so a crash never leaves it held.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for another process to finish with %s", path)
+            fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def shareable(directory: str) -> None:
@@ -185,6 +209,15 @@ def damaged(stage_dir: str) -> str | None:
 def read_metrics(stage_dir: str) -> dict:
     with open(os.path.join(stage_dir, METRICS)) as f:
         return json.load(f)
+
+
+def holds_classifier(source: str | None) -> bool:
+    """Whether the artifact in `source` holds a sequence classifier (no text to generate, no KV cache to export)."""
+    path = os.path.join(source, MODEL, "config.json") if source else ""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return any(a.endswith("ForSequenceClassification") for a in json.load(f).get("architectures") or [])
 
 
 def invalidate(stage_dir: str) -> None:

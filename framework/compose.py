@@ -75,6 +75,11 @@ def package_dir(package: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def first_set(*values: Any) -> Any:
+    """The first value that is not null: `${first_set:${task.lr},1.0e-3}` is the task's learning rate, else 1e-3."""
+    return next((v for v in values if v is not None), None)
+
+
 def register() -> None:
     """Make our resolvers and schemas known to OmegaConf and Hydra (before any config is composed).
 
@@ -82,7 +87,7 @@ def register() -> None:
     every command-line override into a typed node: a wrong type or an unknown key fails at once.
     Idempotent: called by every entry point.
     """
-    resolvers = (("run_name", run_name), ("package_dir", package_dir), ("job_dir", job_dir), ("rank_zero_or", rank_zero_or))
+    resolvers = (("run_name", run_name), ("package_dir", package_dir), ("job_dir", job_dir), ("rank_zero_or", rank_zero_or), ("first_set", first_set))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

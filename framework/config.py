@@ -25,6 +25,12 @@ from framework.errors import ConfigError
 
 
 @dataclass
+class TaskConfig:
+    name: str = "causal_lm"  # causal_lm: next-token prediction | classification: a label per text (or text pair)
+    lr: Optional[float] = None  # every stage's default learning rate for this task (null: each stage's own)
+
+
+@dataclass
 class ModelConfig:
     name: str = "model"
     arch: str = "llama"  # llama | gpt2 (from scratch) | pretrained (HF dir, GGUF or hub id) | artifact (a stage's output)
@@ -40,23 +46,31 @@ class ModelConfig:
     tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | pretrained | a tokenizer directory
     path: Optional[str] = None  # pretrained: HF directory, directory holding gguf_file, or hub id; artifact: its directory
     gguf_file: Optional[str] = None
+    archive: Optional[str] = None  # pretrained: a zip in `path` holding the model files (extracted once into the cache)
 
 
 @dataclass
 class DataConfig:
     name: str = "stdlib_docs"
     source: str = "stdlib_docs"
-    paths: list[str] = field(default_factory=list)  # text_files: .txt / .jsonl / .parquet files
+    paths: list[str] = field(default_factory=list)  # text_files: .txt (cut into documents at blank lines), .jsonl, .parquet
+    val_paths: list[str] = field(default_factory=list)  # the val split's files (else val_fraction of the documents, by hash)
+    test_paths: list[str] = field(default_factory=list)  # files the evaluate recipe scores whole
     text_field: str = "text"
+    text_pair_field: Optional[str] = None  # classification: a second text per example (sentence pairs)
+    label_field: str = "label"  # classification: the label column (names or integers)
+    topics: list[str] = field(default_factory=list)  # stdlib_topics: the standard library packages to tell apart
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"
+    streaming: bool = False  # hf_dataset: read the rows as they download, without downloading the split first
     max_chars: Optional[int] = None  # cap the corpus size (stdlib_modules is large)
     block_size: int = 128
     batch_size: int = 8
     val_fraction: float = 0.1
     max_val_blocks: Optional[int] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    num_proc: Optional[int] = None  # tokenizing threads when a corpus is prepared; null: one per CPU core
     seed: int = 0
 
 
@@ -113,14 +127,17 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv is always on; wandb or tensorboard come in addition
+    name: str = "csv"  # csv is always on; wandb, mlflow or tensorboard come in addition
     project: str = "framework"
     entity: Optional[str] = None
     mode: str = "offline"  # wandb: offline (default, WANDB_MODE wins) | online | disabled
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     run_name: Optional[str] = None
-    uses: list[str] = field(default_factory=list)  # the stages whose artifacts this one reads (lineage)
+    uses: list[str] = field(default_factory=list)  # the stage directories whose artifacts this one reads (lineage)
+    tracking_uri: Optional[str] = None  # mlflow: the tracking server (conf/logger/mlflow.yaml: a local one)
+    experiment: str = "framework"  # mlflow: the experiment the runs go into
+    log_model: bool = True  # mlflow: upload each stage's model/ and register it as a model version
 
 
 @dataclass
@@ -159,6 +176,7 @@ class PathsConfig:
 class StageConfig:
     """What every stage's config holds; a stage kind adds its own section (framework/stages/<kind>.py)."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -206,6 +224,7 @@ class PipelineConfig:
     pipeline: Any = None  # {name, stages: {stage name: {kind, input, teacher, groups, <config values>}}}
     common: Any = field(default_factory=dict)
     # Every stage runs with these unless its own groups choose otherwise.
+    task: TaskConfig = field(default_factory=TaskConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     trainer: HardwareConfig = field(default_factory=HardwareConfig)

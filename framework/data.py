@@ -1,225 +1,208 @@
-"""Text corpora → tokenized, packed fixed-length blocks, split deterministically, cached between runs."""
+"""A data config's corpus → token ids on disk, prepared once (framework.corpus.prepare) → blocks for training.
+
+Splits: `data.val_paths` names the validation files; without them, the corpus's documents are split by
+the hash of each (`val_fraction` of them validate). `data.test_paths` are scored whole by evaluate.
+Training reads fixed-length blocks from the memory-mapped train split in an order that is a pure
+function of (seed, batch position), so a resumed run sees the batches an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
-import ast
-import hashlib
+import itertools
 import json
 import logging
 import os
-import sysconfig
 from typing import Iterator
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Sampler
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from framework.artifacts import atomic_directory
 from framework.config import in_range, one_of, positive, short_hash
+from framework.corpus import prepare as preparation
+from framework.corpus.files import check_files
+from framework.corpus.sources import capped, check_hub_dataset, corpus_documents, corpus_id, files, files_id
 from framework.errors import ConfigError
 
 DATA_SOURCES = ("stdlib_docs", "stdlib_modules", "text_files", "hf_dataset")
+# A tokenizer trained on the corpus (from-scratch models) learns from its first characters only: enough
+# for a good vocabulary, and bounded time and memory whatever the corpus's size.
+TOKENIZER_SAMPLE_CHARS = 100_000_000
 
 log = logging.getLogger(__name__)
 
 
-def check_data_config(data: DictConfig) -> None:
-    """The data section before anything is read: sizes, fractions, and that named files exist."""
+def check_data_config(data: DictConfig, needs_corpus: bool = True) -> None:
+    """The data section before any work: sizes, and a few KB of every named file (no corpus is read).
+
+    `needs_corpus=False` (evaluate with `data.test_paths`) leaves out the training corpus's checks.
+    """
     one_of("data.source", data.source, DATA_SOURCES)
     positive("data.block_size", data.block_size)
     positive("data.batch_size", data.batch_size)
     in_range("data.val_fraction", data.val_fraction, 0, 1, low_open=True, high_open=True)
     positive("data.num_workers", data.num_workers, allow_zero=True)
-    for key in ("max_chars", "max_val_blocks"):
+    for key in ("max_chars", "max_val_blocks", "num_proc"):
         if data[key] is not None:
             positive(f"data.{key}", data[key])
+    if needs_corpus and data.source == "text_files":
+        if OmegaConf.is_missing(data, "paths") or not data.paths:
+            raise ConfigError("data.paths", "text_files needs at least one file: data.paths=[a.txt]")
+        check_files("data.paths", data.paths, data.text_field)
+    if needs_corpus and data.source == "hf_dataset":
+        if not data.hf_name:
+            raise ConfigError("data.hf_name", "hf_dataset needs a dataset name or local path")
+        check_hub_dataset(data)
+    training = {os.path.realpath(p) for p in data.paths} if needs_corpus and data.source == "text_files" else set()
+    for key in ("val_paths", "test_paths"):
+        if data[key]:
+            check_files(f"data.{key}", data[key], data.text_field)
+            for path in data[key]:
+                if os.path.realpath(path) in training:
+                    raise ConfigError(f"data.{key}", f"'{path}' is also in data.paths: its text would be trained on")
+
+
+# --- preparing -------------------------------------------------------------------------------------------------
+
+
+def encoder(tokenizer) -> preparation.Encoder:
+    """The Rust tokenizer behind an HF tokenizer, without truncation or padding (documents are whole)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError("model.tokenizer", "preparing data needs a fast (Rust) tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("model.tokenizer", "the tokenizer has no end-of-text token to separate documents with")
+    backend = Tokenizer.from_str(backend.to_str())  # a copy: the settings below stay ours
+    backend.no_truncation()
+    backend.no_padding()
+    return preparation.Encoder(backend, tokenizer.eos_token_id, len(tokenizer))
+
+
+def tokenizer_id(enc: preparation.Encoder) -> str:
+    """What identifies a tokenizer's ids: its whole definition (normalizer, pre-tokenizer, vocabulary, merges)."""
+    return short_hash(enc.tokenizer.to_str())
+
+
+def num_proc(data: DictConfig) -> int:
+    """data.num_proc, else the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return data.num_proc or cores or 1
+
+
+def prepared_splits(data: DictConfig, tokenizer, cache_dir: str) -> preparation.PreparedCorpus:
+    """The corpus's train and val splits, tokenized into `<cache_dir>/data/` once (by the first process to ask)."""
+    enc = encoder(tokenizer)
+    val = files_id(data.val_paths) if data.val_paths else [data.val_fraction, data.seed]
+    key = short_hash(json.dumps([preparation.FORMAT_VERSION, corpus_id(data), val, tokenizer_id(enc)]))
+
+    def documents():  # (split, key, text); split None: by the hash of the key
+        if not data.val_paths:
+            return ((None, name, text) for name, text in corpus_documents(data))
+        train = (("train", name, text) for name, text in corpus_documents(data))
+        return itertools.chain(train, (("val", name, text) for name, text in files("data.val_paths", data.val_paths, data.text_field)))
+
+    target = os.path.join(cache_dir, "data", f"{data.name}-{key}")
+    val_fraction = 0.0 if data.val_paths else data.val_fraction  # 0: no document is split by hash
+    return preparation.prepare(target, documents, enc, ("train", "val"), num_proc(data), val_fraction, data.seed, describe(data))
+
+
+def prepared_test(data: DictConfig, tokenizer, cache_dir: str) -> preparation.PreparedCorpus:
+    """The documents of `data.test_paths`, in order, as the split "test"."""
+    enc = encoder(tokenizer)
+    key = short_hash(json.dumps([preparation.FORMAT_VERSION, files_id(data.test_paths), data.text_field, tokenizer_id(enc)]))
+
+    def documents():
+        return (("test", name, text) for name, text in files("data.test_paths", data.test_paths, data.text_field))
+
+    return preparation.prepare(
+        os.path.join(cache_dir, "data", f"test-{key}"), documents, enc, ("test",), num_proc(data),
+        description=f"test files {', '.join(data.test_paths)}",
+    )
+
+
+def describe(data: DictConfig) -> str:
+    """The corpus, for messages: its name and where its text comes from."""
     if data.source == "text_files":
-        if not data.paths:
-            raise ConfigError("data.paths", "text_files needs at least one file")
-        for path in data.paths:
-            if not os.path.exists(path):
-                raise ConfigError("data.paths", f"'{path}' does not exist")
-    if data.source == "hf_dataset" and not data.hf_name:
-        raise ConfigError("data.hf_name", "hf_dataset needs a dataset name or local path")
+        return f"'{data.name}' ({', '.join(data.paths)})"
+    return f"'{data.name}' ({data.hf_name if data.source == 'hf_dataset' else data.source})"
 
 
-# --- corpora: each returns a sorted list of (document id, text) ---------------------------------------------
+def training_texts(data: DictConfig) -> tuple:
+    """(texts function, id) of the text a from-scratch tokenizer learns from: the corpus's first characters."""
+    texts = lambda: (text for _, text in capped(corpus_documents(data), TOKENIZER_SAMPLE_CHARS))  # noqa: E731
+    return texts, json.dumps([corpus_id(data), TOKENIZER_SAMPLE_CHARS])
 
 
-def stdlib_docs() -> list[tuple[str, str]]:
-    """The Python documentation's topic pages (pydoc_data.topics), shipped with every Python."""
-    from pydoc_data.topics import topics
-
-    return sorted(topics.items())
+# --- blocks ----------------------------------------------------------------------------------------------------
 
 
-def stdlib_modules(max_chars: int | None = None) -> list[tuple[str, str]]:
-    """The docstrings of the standard library's modules, read with `ast` (nothing is imported)."""
-    root = sysconfig.get_paths()["stdlib"]
-    documents, total = [], 0
-    for path in sorted(_stdlib_sources(root)):
-        text = _docstrings(path)
-        if len(text) < 200:
-            continue
-        documents.append((os.path.relpath(path, root), text))
-        total += len(text)
-        if max_chars and total >= max_chars:
-            break
-    return documents
+class TokenBlocks(Dataset):
+    """Consecutive blocks of `block_size` tokens of a token file (the tail shorter than a block is left out),
+    read from the memory-mapped file when indexed."""
 
+    def __init__(self, path: str, dtype: np.dtype, block_size: int):
+        self.path, self.dtype, self.block_size = path, np.dtype(dtype), block_size
+        self.num_tokens = os.path.getsize(path) // self.dtype.itemsize
+        self._tokens = None
 
-def _stdlib_sources(root: str) -> Iterator[str]:
-    skip = {"test", "tests", "idle_test", "site-packages", "lib2to3", "__pycache__"}
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in skip and not d.startswith("."))
-        yield from (os.path.join(directory, f) for f in files if f.endswith(".py"))
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # a DataLoader worker maps the file itself
 
-
-def _docstrings(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return ""
-    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    docs = (ast.get_docstring(n) for n in nodes)
-    return "\n\n".join(d for d in docs if d and len(d) > 40)
-
-
-def load_documents(data_cfg: DictConfig) -> list[tuple[str, str]]:
-    if data_cfg.source == "stdlib_docs":
-        documents = stdlib_docs()
-    elif data_cfg.source == "stdlib_modules":
-        documents = stdlib_modules(data_cfg.max_chars)
-    else:
-        documents = _load_with_datasets(data_cfg)
-    if data_cfg.max_chars:
-        documents = _cap_chars(documents, data_cfg.max_chars)
-    return documents
-
-
-def _cap_chars(documents: list[tuple[str, str]], max_chars: int) -> list[tuple[str, str]]:
-    kept, total = [], 0
-    for doc_id, text in documents:
-        if total >= max_chars:
-            break
-        kept.append((doc_id, text[: max_chars - total]))
-        total += len(kept[-1][1])
-    return kept
-
-
-def _load_with_datasets(data_cfg: DictConfig) -> list[tuple[str, str]]:
-    import datasets
-
-    if data_cfg.source == "text_files":
-        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        extensions = {os.path.splitext(p)[1] for p in data_cfg.paths}
-        unknown = extensions - set(kind)
-        if unknown or len({kind[e] for e in extensions}) != 1:
-            raise ConfigError("data.paths", f"use files of one kind: .txt, .jsonl or .parquet (got {sorted(extensions)})")
-        builder = kind[extensions.pop()]
-        # One document per file for text files, so the split never cuts a file in two.
-        options = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=list(data_cfg.paths), split="train", **options)
-    else:
-        dataset = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config, split=data_cfg.hf_split)
-    if data_cfg.text_field not in dataset.column_names:
-        raise ConfigError("data.text_field", f"'{data_cfg.text_field}' is not a column (columns: {dataset.column_names})")
-    texts = [t for t in dataset[data_cfg.text_field] if t and t.strip()]
-    return [(f"{i:08d}", t) for i, t in enumerate(texts)]
-
-
-def corpus_id(data_cfg: DictConfig) -> str:
-    """What identifies the corpus's text (for caching tokenizers and tokenized data)."""
-    fields = {k: data_cfg[k] for k in ("source", "paths", "text_field", "hf_name", "hf_config", "hf_split", "max_chars")}
-    for path in data_cfg.paths or []:
-        fields[f"mtime:{path}"] = os.path.getmtime(path) if os.path.exists(path) else None
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
-# --- split, tokenize, pack -----------------------------------------------------------------------------------
-
-
-def is_validation(doc_id: str, val_fraction: float, seed: int) -> bool:
-    """A document-level split by hash: stable across runs and machines, no document in both splits."""
-    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def split_documents(documents, val_fraction: float, seed: int):
-    train = [text for doc_id, text in documents if not is_validation(doc_id, val_fraction, seed)]
-    val = [text for doc_id, text in documents if is_validation(doc_id, val_fraction, seed)]
-    if not val and len(train) > 1:  # a tiny corpus: still hold one document out
-        val = [train.pop()]
-    return train, val
-
-
-def pack(token_lists: list[list[int]], block_size: int, eos_id: int) -> torch.Tensor:
-    """Concatenate documents (separated by EOS) and cut into [num_blocks, block_size]; drop the tail."""
-    stream = [token for tokens in token_lists for token in (*tokens, eos_id)]
-    num_blocks = len(stream) // block_size
-    return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
-
-
-def tokenize_and_pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    import datasets
-
-    if not texts:
-        return torch.empty(0, block_size, dtype=torch.long)
-    dataset = datasets.Dataset.from_dict({"text": texts})
-    encoded = dataset.map(
-        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
-        batched=True,
-        remove_columns=["text"],
-        desc="tokenizing",
-    )
-    return pack(encoded["ids"], block_size, tokenizer.eos_token_id)
-
-
-def tokenizer_id(tokenizer) -> str:
-    return short_hash(json.dumps(sorted(tokenizer.get_vocab().items())))
-
-
-def packed_splits(data_cfg: DictConfig, tokenizer, cache_dir: str, documents=None) -> dict[str, torch.Tensor]:
-    """{"train": blocks, "val": blocks}, tokenized once per (corpus, tokenizer, block size, split) and cached."""
-    key = short_hash(
-        json.dumps([corpus_id(data_cfg), tokenizer_id(tokenizer), data_cfg.block_size, data_cfg.val_fraction, data_cfg.seed])
-    )
-    target = os.path.join(cache_dir, "data", f"{data_cfg.name}-{key}")
-    cached = os.path.join(target, "blocks.pt")
-    if os.path.isfile(cached):
-        return torch.load(cached)
-    documents = documents if documents is not None else load_documents(data_cfg)
-    train_texts, val_texts = split_documents(documents, data_cfg.val_fraction, data_cfg.seed)
-    splits = {
-        "train": tokenize_and_pack(train_texts, tokenizer, data_cfg.block_size),
-        "val": tokenize_and_pack(val_texts, tokenizer, data_cfg.block_size),
-    }
-    for split, blocks in splits.items():
-        if len(blocks) == 0:
-            raise ConfigError(
-                "data.block_size",
-                f"the corpus '{data_cfg.name}' is smaller than one block of {data_cfg.block_size} tokens in its {split} split",
-            )
-    with atomic_directory(target) as tmp:
-        torch.save(splits, os.path.join(tmp, "blocks.pt"))
-    log.info("data %s: %d train and %d val blocks of %d tokens", data_cfg.name, len(splits["train"]), len(splits["val"]), data_cfg.block_size)
-    return splits
-
-
-# --- loading ---------------------------------------------------------------------------------------------------
-
-
-class Blocks(Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = preparation.open_tokens(self.path, self.dtype)
+        return self._tokens
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return self.num_tokens // self.block_size
+
+    def block(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.block_size
+        return torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index]}
+        return {"input_ids": self.block(index)}
+
+    def stack(self, indices) -> torch.Tensor:
+        """The blocks at `indices`, as one [len(indices), block_size] tensor."""
+        if len(indices) == 0:
+            return torch.empty(0, self.block_size, dtype=torch.long)
+        return torch.stack([self.block(int(i)) for i in indices])
+
+    def first(self, count: int) -> torch.Tensor:
+        """The first `count` blocks (one read of consecutive tokens)."""
+        count = min(count, len(self))
+        return torch.from_numpy(self.tokens[: count * self.block_size].astype(np.int64)).view(count, self.block_size)
+
+
+def check_blocks(data: DictConfig, split: str, blocks: TokenBlocks, corpus: preparation.PreparedCorpus) -> None:
+    """A split with less than one block, reported against what the user can change."""
+    if len(blocks):
+        return
+    stats, size = corpus.meta["splits"], f"less than one block of data.block_size={data.block_size} tokens"
+    documents = sum(s["documents"] for s in stats.values())
+    if split == "val" and data.val_paths:
+        raise ConfigError("data.val_paths", f"the validation files hold {blocks.num_tokens} tokens, {size}")
+    if split == "val" and documents > 1:
+        raise ConfigError(
+            "data.val_fraction",
+            f"the documents of {describe(data)} that fall in the val split (val_fraction={data.val_fraction}) hold "
+            f"{blocks.num_tokens} tokens, {size}: raise data.val_fraction, or name validation files with data.val_paths",
+        )
+    corpus_chars = stats["train"]["chars"] + (0 if data.val_paths else stats["val"]["chars"])  # what max_chars caps
+    if data.max_chars and corpus_chars >= data.max_chars:
+        raise ConfigError("data.max_chars", f"the first {data.max_chars} characters of {describe(data)} leave {blocks.num_tokens} {split} tokens, {size}")
+    key = {"text_files": "data.paths", "hf_dataset": "data.hf_name"}.get(data.source, "data.source")
+    if split == "val":  # one document in all: it trains, nothing validates
+        raise ConfigError(key, f"{describe(data)} is one document (text files are cut at blank lines) and the split is by document: name validation files with data.val_paths")
+    raise ConfigError(key, f"{describe(data)} holds {blocks.num_tokens} {split} tokens, {size}")
 
 
 class ResumableBatchSampler(Sampler):
@@ -244,26 +227,31 @@ class ResumableBatchSampler(Sampler):
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self) -> Iterator[list[int]]:
-        position = self.start
+        position, order_pass, order = self.start, None, None
         while True:
             data_pass, within = divmod(position, self.batches_per_pass)
-            order = self._permutation(data_pass)
+            if data_pass != order_pass:  # one permutation per pass (of millions of blocks, on a large corpus)
+                order_pass, order = data_pass, self._permutation(data_pass)
             begin = within * self.global_batch + self.rank * self.batch_size
             yield order[begin : begin + self.batch_size].tolist()
             position += 1
 
 
 class LMDataModule(pl.LightningDataModule):
-    """Packed blocks of a corpus for causal-LM training; labels are the inputs (the model shifts them)."""
+    """Blocks of a prepared corpus for causal-LM training; labels are the inputs (the model shifts them)."""
 
-    def __init__(self, data_cfg: DictConfig, tokenizer, cache_dir: str, seed: int, documents=None):
+    def __init__(self, data_cfg: DictConfig, tokenizer, cache_dir: str, seed: int):
         super().__init__()
         self.cfg, self.tokenizer, self.cache_dir, self.seed = data_cfg, tokenizer, cache_dir, seed
-        self.splits = packed_splits(data_cfg, tokenizer, cache_dir, documents)
+        self.corpus = prepared_splits(data_cfg, tokenizer, cache_dir)
+        self.train_set, self.val_set = (TokenBlocks(self.corpus.path(s), self.corpus.dtype, data_cfg.block_size) for s in ("train", "val"))
+        check_blocks(data_cfg, "train", self.train_set, self.corpus)
+        check_blocks(data_cfg, "val", self.val_set, self.corpus)
+        log.info("data %s: %d train and %d val blocks of %d tokens", data_cfg.name, len(self.train_set), len(self.val_set), data_cfg.block_size)
 
     @property
     def train_tokens(self) -> int:
-        return self.splits["train"].numel()
+        return len(self.train_set) * self.cfg.block_size
 
     def _batches_consumed(self) -> int:
         trainer = self.trainer
@@ -274,25 +262,29 @@ class LMDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         sampler = ResumableBatchSampler(
-            len(self.splits["train"]),
+            len(self.train_set),
             self.cfg.batch_size,
             self.seed,
             start=self._batches_consumed(),
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
         )
-        return DataLoader(Blocks(self.splits["train"]), batch_sampler=sampler, num_workers=self.cfg.num_workers)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.num_workers)
+
+    def _num_val_blocks(self) -> int:
+        return min(len(self.val_set), self.cfg.max_val_blocks or len(self.val_set))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(Blocks(self.val_blocks()), batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+        val = Subset(self.val_set, range(self._num_val_blocks()))
+        return DataLoader(val, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def val_blocks(self) -> torch.Tensor:
-        blocks = self.splits["val"]
-        return blocks[: self.cfg.max_val_blocks] if self.cfg.max_val_blocks else blocks
+        """The val blocks (the first `data.max_val_blocks` of them), as one tensor."""
+        return self.val_set.first(self._num_val_blocks())
 
     def calibration_batches(self, num_samples: int, batch_size: int = 8) -> list[torch.Tensor]:
         """Train-split blocks for calibrating pruning and quantization (never the val split)."""
         generator = torch.Generator().manual_seed(self.seed)
-        train = self.splits["train"]
-        chosen = train[torch.randperm(len(train), generator=generator)[:num_samples]]
-        return list(chosen.split(batch_size))
+        chosen = torch.randperm(len(self.train_set), generator=generator)[:num_samples]
+        return list(self.train_set.stack(chosen.tolist()).split(batch_size))
+

@@ -41,6 +41,8 @@ def check(cfg: DictConfig) -> DictConfig:
     positive("temperature", typed.temperature, allow_zero=True)
     in_range("top_p", typed.top_p, 0, 1, low_open=True)
     artifacts.check_artifact(typed.input, "input")
+    if artifacts.holds_classifier(typed.input):
+        raise ConfigError("input", f"'{typed.input}' holds a sequence classifier: it labels text, it does not generate any")
     return typed
 
 

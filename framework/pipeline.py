@@ -22,6 +22,7 @@ from framework.config import unknown_key_message
 from framework.errors import ConfigError
 from framework.launch import run_stage
 from framework.stages import STAGES
+from framework.training.mlflow_tracking import parent_run
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def compose_stage(name: str, spec: DictConfig, pipeline_cfg: DictConfig, stage_d
     kind = spec.get("kind")
     choices = spec.get("groups") or {}
     try:
-        cfg = compose(kind, [*(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
+        task = [] if "task" in choices else [f"task={pipeline_cfg.task.name}"]  # the pipeline's task, unless the stage names one
+        cfg = compose(kind, [*task, *(f"{g}={c}" for g, c in choices.items()), f"run_dir={stage_dir}"])
     except ConfigError as err:  # an unknown option in the stage's groups, most often
         raise err.under(f"pipeline.stages.{name}.groups") from None
     # Where every stage runs (precision, strategy, devices), unless the stage chose its own group.
@@ -113,7 +115,7 @@ def _connect_inputs(name: str, spec: DictConfig, stage, cfg: DictConfig, planned
     stage.check_input_format(upstream.output_format, f"pipeline.stages.{name}.{spec_key}", source)
     with open_dict(cfg):
         OmegaConf.update(cfg, stage.input_key, upstream.stage_dir, force_add=True)
-        cfg.logger.uses = [spec[k] for k in ("input", "teacher") if spec.get(k)]
+        cfg.logger.uses = [planned[spec[k]].stage_dir for k in ("input", "teacher") if spec.get(k)]
     return {stage.input_key: upstream.output_format}, upstream.output_format
 
 
@@ -121,15 +123,18 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     """Run every stage of `cfg.pipeline` into `cfg.run_dir/<stage>`; returns the report rows."""
     stages = plan(cfg)
     rows, previous = [], []
-    for stage in stages:
-        done_before = _complete_mtime(stage.stage_dir)
-        started = time.perf_counter()
-        log.info("stage %s (%s)", stage.name, stage.kind)
-        metrics = run_stage(stage.kind, stage.config, stage.stage_dir, previous)
-        cached = done_before is not None and done_before == _complete_mtime(stage.stage_dir)
-        rows.append(report.row(stage.name, stage.kind, stage.stage_dir, metrics, cached, time.perf_counter() - started))
-        previous = [artifacts.read_fingerprint(stage.stage_dir)]
-    report.write(cfg.run_dir, rows)
+    # With logger=mlflow the pipeline is one parent run, named after it; each stage's run nests under it.
+    with parent_run(cfg.logger, cfg.pipeline.name, cfg.run_dir, kind="pipeline") as tracked:
+        for stage in stages:
+            done_before = _complete_mtime(stage.stage_dir)
+            started = time.perf_counter()
+            log.info("stage %s (%s)", stage.name, stage.kind)
+            metrics = run_stage(stage.kind, stage.config, stage.stage_dir, previous)
+            cached = done_before is not None and done_before == _complete_mtime(stage.stage_dir)
+            rows.append(report.row(stage.name, stage.kind, stage.stage_dir, metrics, cached, time.perf_counter() - started))
+            previous = [artifacts.read_fingerprint(stage.stage_dir)]
+        report.write(cfg.run_dir, rows)
+        tracked.log_files(os.path.join(cfg.run_dir, name) for name in ("report.md", "report.json", "report.png"))
     return rows
 
 

@@ -23,6 +23,9 @@ COLUMNS = [  # (key, header, format)
     ("prefill_ms", "prefill ms", "{:.1f}"),
     ("decode_tokens_per_s_b1", "decode tok/s b1", "{:,.0f}"),
     ("decode_tokens_per_s_b8", "decode tok/s b8", "{:,.0f}"),
+    ("val_accuracy", "val acc", "{:.3f}"),
+    ("val_macro_f1", "macro-F1", "{:.3f}"),
+    ("latency_ms_per_example", "ms/example", "{:.2f}"),
     ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
     ("wall_time_s", "stage s", "{:.1f}"),
     ("status", "status", "{}"),
@@ -47,6 +50,7 @@ def row(stage: str, kind: str, stage_dir: str, metrics: dict, cached: bool, seco
     keys = (
         "runtime", "params_total", "params_nonzero", "val_ppl", "val_ppl_start", "baseline_val_ppl", "prefill_ms", "prefill_tokens",
         "decode_tokens_per_s_b1", "decode_tokens_per_s_b8", "train_tokens_per_s", "wall_time_s", "sample", "eval_blocks", "eval_block_tokens",
+        "val_accuracy", "val_macro_f1", "baseline_val_accuracy", "latency_ms_per_example",
     )
     return {
         "stage": stage,
@@ -63,11 +67,29 @@ def _cell(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns some row has a value for: a language model's pipeline shows perplexity, a classifier's accuracy."""
+    return [c for c in COLUMNS if c[0] in ("stage", "kind", "status") or any(r.get(c[0]) is not None for r in rows)]
+
+
+def baseline_notes(rows: list[dict]) -> list[str]:
+    """What each distilled student reached without its teacher."""
+    notes = []
+    for r in rows:
+        if r.get("baseline_val_ppl"):
+            notes.append(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+        if r.get("baseline_val_accuracy") is not None:
+            notes.append(f"{r['stage']}: the same student without a teacher reaches val accuracy {r['baseline_val_accuracy']:.3f}")
+    return notes
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in rows]
-    lines += ["", measured_how(rows)]
-    lines += [f"- {r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}" for r in rows if r.get("baseline_val_ppl")]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
+    if any(r.get("eval_blocks") for r in rows):
+        lines += ["", measured_how(rows)]
+    lines += [f"- {note}" for note in baseline_notes(rows)]
     samples = [f"- {r['stage']}: {r['sample']!r}" for r in rows if r.get("sample")]
     if samples:
         lines += ["", "Greedy samples:", *samples]
@@ -113,17 +135,17 @@ def print_table(rows: list[dict], title: str = "pipeline") -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for key, header, _ in COLUMNS:
+    columns = _columns(rows)
+    for key, header, _ in columns:
         table.add_column(header, justify="left" if key in TEXT_COLUMNS else "right")
     for r in rows:
-        table.add_row(*(_cell(r.get(k), f) for k, _, f in COLUMNS))
+        table.add_row(*(_cell(r.get(k), f) for k, _, f in columns))
     console = Console()
     if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
-    for r in rows:
-        if r.get("baseline_val_ppl"):
-            console.print(f"{r['stage']}: the same student without a teacher reaches val ppl {r['baseline_val_ppl']:.2f}")
+    for note in baseline_notes(rows):
+        console.print(note)
     for r in rows:
         if r.get("sample"):
             console.print(f"{r['stage']}: {r['sample']!r}", markup=False, highlight=False)
@@ -150,7 +172,7 @@ def loss_curve(stage_dir: str, key: str = "train/loss") -> tuple[list[int], list
 
 
 def plot(run_dir: str, rows: list[dict]) -> None:
-    """Perplexity (the same held-out set for every stage) against size on disk, and the training stages'
+    """Perplexity (a classifier: accuracy) against size on disk per stage, and the training stages'
     cross-entropy on their own training batches (for distillation, the hard-label part of its loss: the
     KD term is another quantity)."""
     import matplotlib
@@ -159,11 +181,12 @@ def plot(run_dir: str, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    measure, label = ("val_accuracy", "val accuracy") if any(r.get("val_accuracy") is not None for r in rows) else ("val_ppl", "val perplexity")
     for r in rows:
-        if r["val_ppl"] is not None:
-            left.scatter(r["size_mb"], r["val_ppl"])
-            left.annotate(r["stage"], (r["size_mb"], r["val_ppl"]), textcoords="offset points", xytext=(5, 5))
-    left.set(xlabel="size on disk (MB)", ylabel="val perplexity", title="perplexity against size")
+        if r.get(measure) is not None:
+            left.scatter(r["size_mb"], r[measure])
+            left.annotate(r["stage"], (r["size_mb"], r[measure]), textcoords="offset points", xytext=(5, 5))
+    left.set(xlabel="size on disk (MB)", ylabel=label, title=f"{label} against size")
     for r in rows:
         steps, losses = loss_curve(r["stage_dir"], "train/hard_loss" if r["kind"] == "distill" else "train/loss")
         if steps:

@@ -29,9 +29,11 @@ from framework import artifacts, report
 from framework.compose import compose
 from framework.errors import ConfigError
 from framework.training import extra_callbacks
+from framework.training.mlflow_tracking import parent_run, record_job
 
 log = logging.getLogger(__name__)
 
+SUMMARY_FILES = ("trials.md", "trials.csv", "best.yaml", "optimization_history.png", "param_importances.png")
 CONSTRAINT = re.compile(r"^\s*([\w.]+)\s*(<=|>=)\s*(\S+)\s*$")
 
 
@@ -259,36 +261,41 @@ def run_study(cfg: DictConfig, work: Callable[[DictConfig], object]) -> dict:
     study.sampler = _sampler(search.sampler, len(study.trials))  # seeded by the trials so far: a joining worker samples afresh
     _fail_dead_trials(study)
     log.info("study %s: %d trials so far, %d wanted", search.study_name, len(study.trials), search.n_trials)
-
-    while len(study.get_trials(deepcopy=False)) < search.n_trials:
-        trial = study.ask(distributions)
-        trial.set_user_attr("worker", _worker_id())
-        overrides = [*fixed, *(f"{k}={_override_value(v)}" for k, v in trial.params.items())]
-        trial.set_user_attr("overrides", overrides)
-        trial_dir = os.path.join(search.sweep_dir, f"trial_{trial.number:03d}")
-        started, state, value = time.perf_counter(), TrialState.FAIL, None
-        try:
-            trial_cfg = compose_trial(config_name, [*base_overrides, *overrides], trial_dir)
-            artifacts.atomic_write_text(os.path.join(trial_dir, "trial_config.yaml"), OmegaConf.to_yaml(trial_cfg))
-            with extra_callbacks([ReportToTrial(trial)]):
-                work(trial_cfg)
-            value = read_metric(trial_dir, search.objective)
-            trial.set_user_attr("constraints", [_violation(read_metric(trial_dir, key), op, bound) for key, op, bound in constraints])
-            state = TrialState.COMPLETE
-            log.info("trial %d: %s = %.4f (%s)", trial.number, search.objective, value, " ".join(overrides))
-        except optuna.TrialPruned as pruned:
-            state = TrialState.PRUNED
-            log.info("trial %d pruned: %s", trial.number, pruned)
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except Exception as err:  # a failed trial is recorded and the study goes on
-            trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            log.warning("trial %d failed: %s", trial.number, err)
-        trial.set_user_attr("seconds", time.perf_counter() - started)
-        study.tell(trial, value, state=state)
-    return write_summary(study, search)
+    # With logger=mlflow the study is one parent run (its workers share it), and each trial a run nested under it.
+    with parent_run(cfg.logger, search.study_name, search.sweep_dir, kind="study") as tracked:
+        while len(study.get_trials(deepcopy=False)) < search.n_trials:
+            trial = study.ask(distributions)
+            trial.set_user_attr("worker", _worker_id())
+            overrides = [*fixed, *(f"{k}={_override_value(v)}" for k, v in trial.params.items())]
+            trial.set_user_attr("overrides", overrides)
+            trial_dir = os.path.join(search.sweep_dir, f"trial_{trial.number:03d}")
+            started, state, value = time.perf_counter(), TrialState.FAIL, None
+            try:
+                trial_cfg = compose_trial(config_name, [*base_overrides, *overrides], trial_dir)
+                artifacts.atomic_write_text(os.path.join(trial_dir, "trial_config.yaml"), OmegaConf.to_yaml(trial_cfg))
+                with extra_callbacks([ReportToTrial(trial)]):
+                    work(trial_cfg)
+                value = read_metric(trial_dir, search.objective)
+                trial.set_user_attr("constraints", [_violation(read_metric(trial_dir, key), op, bound) for key, op, bound in constraints])
+                state = TrialState.COMPLETE
+                log.info("trial %d: %s = %.4f (%s)", trial.number, search.objective, value, " ".join(overrides))
+            except optuna.TrialPruned as pruned:
+                state = TrialState.PRUNED
+                log.info("trial %d pruned: %s", trial.number, pruned)
+            except KeyboardInterrupt:
+                trial.set_user_attr("error", "interrupted")
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            except Exception as err:  # a failed trial is recorded and the study goes on
+                trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                log.warning("trial %d failed: %s", trial.number, err)
+            trial.set_user_attr("seconds", time.perf_counter() - started)
+            study.tell(trial, value, state=state)
+            objective = {"objective": value} if value is not None else {}
+            record_job(cfg.logger, trial_dir, f"trial_{trial.number:03d}", state.name, trial.params, objective, trial.user_attrs.get("error", ""))
+        summary = write_summary(study, search)
+        tracked.log_files(os.path.join(search.sweep_dir, name) for name in SUMMARY_FILES)
+    return summary
 
 
 def _violation(value: float, op: str, bound: float) -> float:

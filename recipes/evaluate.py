@@ -1,6 +1,7 @@
 """Evaluate an artifact, or rebuild a pipeline run's report (see conf/evaluate.yaml).
 
     python recipes/evaluate.py input=<stage dir> data=stdlib_modules
+    python recipes/evaluate.py input=<stage dir> data.test_paths=[wiki.test.txt]     # every token of these files
     python recipes/evaluate.py input=outputs/pipeline/tiny
 """
 

@@ -38,3 +38,12 @@ def train_config(tmp_path):
         return compose_config("train", [*FAST, *overrides], run_dir=str(run_dir or tmp_path / "run"))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server on a free loopback port for all the tracking tests (its start takes ~30 s)."""
+    from tests.mlflow_server import mlflow_server as running_server
+
+    with running_server(str(tmp_path_factory.mktemp("mlflow"))) as url:
+        yield url

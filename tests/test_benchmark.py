@@ -133,3 +133,22 @@ def test_deployment_table_has_every_format_and_measures_the_runtimes(bench_dir):
     assert "prefill_ms" not in rows["GGUF Q8_0"]  # llama.cpp's to time, not ours
     assert rows["ONNX int8"]["size_ratio"] < 0.75 and rows["GGUF Q8_0"]["size_ratio"] < 0.75  # against bf16
     assert "interleaved rounds" in table["caption"]
+
+
+@pytest.mark.slow
+def test_data_table_prepares_with_one_and_two_workers_and_trains_on_the_result(tmp_path):
+    from bench.data import DATA_COLUMNS, data_table
+
+    data_table(size=2_000_000, out_dir=str(tmp_path), steps=2)
+    table = json.loads((tmp_path / "data.json").read_text())
+    assert [key for key, _ in table["columns"]] == list(DATA_COLUMNS)
+    tokenizer, one, two, train = table["rows"]
+    assert tokenizer["run"].startswith("BPE tokenizer (trained") and [one["run"], two["run"]] == ["prepare, 1 worker", "prepare, 2 workers"]
+    for row in (one, two):
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["vs_one_worker"])
+    assert one["vs_one_worker"] == 1.0
+    assert all(0 < row["peak_rss_mb"] < 24_000 for row in table["rows"])
+    assert 0 < train["first_step_s"] < train["seconds"]
+    assert table["corpus_bytes"] >= 2_000_000 and table["tokens"] > 100_000
+    assert 0 < table["cache_bytes"] < table["corpus_bytes"]  # two bytes a token, several characters a token
+    assert (tmp_path / "data.md").read_text().startswith("| step |")

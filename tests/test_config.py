@@ -19,6 +19,10 @@ GROUP_NEEDS = {  # options that need a value the user must give
     ("model", "hf"): ["model.path={smol_dir}"],
     ("data", "text_files"): ["data.paths=[{text_file}]"],
     ("data", "hf_dataset"): ["data.hf_name=wikitext"],
+    ("data", "labeled_files"): ["task=classification", "data.paths=[{csv_file}]"],
+    **{option: ["task=classification"] for option in [("data", "default_classification"), ("data", "stdlib_topics"),
+                                                       ("model", "minilm_l6"), ("model", "default_classification")]},
+    ("logger", "mlflow"): ["logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],  # its default is a server: none here
 }
 GPU_ONLY = {("precision", "16-mixed"), *(("strategy", s) for s in ("fsdp", "deepspeed", "deepspeed_zero3"))}
 
@@ -38,7 +42,9 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     smol_dir = tmp_path / "model"
     smol_dir.mkdir()
     (smol_dir / "config.json").write_text('{"max_position_embeddings": 2048}')
-    extra = [o.format(text_file=text_file, smol_dir=smol_dir) for o in GROUP_NEEDS.get((group, option), [])]
+    csv_file = tmp_path / "labeled.csv"
+    csv_file.write_text("text,label\nhello there,a\ngood bye,b\n")
+    extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
         section = compose_config(group, [f"{group}={option}"])[group]
@@ -50,8 +56,10 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     if (group, option) in GPU_ONLY:
         with pytest.raises(ConfigError, match="CUDA"):
             validate_train_config(cfg)
-    elif (group, option) == ("data", "hf_dataset"):
-        validate_train_config(cfg)  # a hub name is only checked when it is loaded
+    elif (group, option) == ("data", "hf_dataset"):  # the tests run offline: the dataset cannot be reached
+        with pytest.raises(ConfigError, match="cannot load 'wikitext'.*HF_HUB_OFFLINE") as error:
+            validate_train_config(cfg)
+        assert error.value.key == "data.hf_name"
     else:
         typed = validate_train_config(cfg)
         assert typed.precision.name != "auto"  # auto resolves to what this machine runs well
@@ -135,9 +143,9 @@ def test_corpus_smaller_than_one_block_is_refused(train_config, tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words")
     cfg = train_config("data=text_files", f"data.paths=[{tiny}]", f"paths.cache_dir={tmp_path / 'cache'}")
-    with pytest.raises(ConfigError, match="smaller than one block") as error:
+    with pytest.raises(ConfigError, match="less than one block") as error:
         train(cfg)
-    assert error.value.key == "data.block_size"
+    assert error.value.key == "data.paths"  # the corpus is too small, not the block size
 
 
 def test_recipe_prints_the_error_as_one_line_and_exits_2(tmp_path):

@@ -4,7 +4,6 @@ skipped for an intact one, a write that fails names its real cause, and artifact
 import contextlib
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -13,24 +12,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from framework.artifacts import damaged, is_complete, read_metrics
+from framework.artifacts import damaged, is_complete
 from framework.errors import StorageError
 from framework.stages import STAGES
 from framework.training import extra_callbacks
+from tests.test_train import CaptureModel, InterruptAt
 
 
-class CaptureModel(pl.Callback):
-    def on_train_end(self, trainer, pl_module):
-        self.model = pl_module.model
-
-
-class InterruptAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

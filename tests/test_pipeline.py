@@ -1,5 +1,6 @@
 """The pipeline: one command runs every stage, reruns skip finished work, changes rerun only what follows."""
 
+import csv
 import json
 import os
 import signal
@@ -178,6 +179,21 @@ def test_sigkill_during_prune_recovery_resumes_without_redoing_earlier_stages(tm
     for stage in STAGES:
         assert is_complete(str(tmp_path / stage))
     assert read_metrics(str(tmp_path / "prune"))["train_steps"] == 400
+    # The killed stage continued its tracker runs, with no step logged twice: offline wandb wrote one directory
+    # per process, both of the same run; the CSV log kept its rows from before the kill.
+    run_ids, wandb_steps = set(), []
+    files = sorted((tmp_path / "prune" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    for path in files:
+        for record in wandb_records(path):
+            if record.HasField("run"):
+                run_ids.add(record.run.run_id)
+            if record.HasField("history"):
+                wandb_steps.append(record.history.step.num)
+    assert len(run_ids) == 1
+    assert len(wandb_steps) == len(set(wandb_steps)) and max(wandb_steps) == 400  # 0-399 trained, 400: the final metrics
+    with open(tmp_path / "prune" / "logs" / "metrics.csv", newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]] == list(range(9, 400, 10))  # every 10th step
 
 
 def test_loss_curve_of_a_resumed_stage_keeps_the_rerun_of_each_replayed_step(tmp_path):

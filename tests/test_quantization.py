@@ -184,10 +184,11 @@ def test_auto_backend_is_onnxruntime_for_int8_compute_on_a_cpu_and_torchao_on_cu
 
     from framework.stages.quantize import QuantizeConfig, resolve_backend
 
-    def backend(cuda, **values):
-        return resolve_backend(OmegaConf.structured(QuantizeConfig(**values)), cuda)
+    def backend(cuda, task="causal_lm", **values):
+        return resolve_backend(OmegaConf.structured(QuantizeConfig(**values)), cuda, task)
 
     assert backend(False) == "onnxruntime" and backend(True) == "torchao"
     assert backend(False, method="weight_only") == "torchao"  # weight-only: fp compute, nothing for onnxruntime to speed up
     assert backend(False, bits=3) == "torchao" and backend(False, qat=True) == "torchao"
     assert backend(False, backend="torchao") == "torchao"
+    assert backend(False, task="classification") == "torchao"  # the ONNX graph written is a causal LM's

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from framework.artifacts import is_complete, read_metrics
+from framework.artifacts import read_metrics
 from framework.errors import ConfigError
 from framework.models import load_model_dir
 from framework.stages import STAGES

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
+from framework.compression.pruning import transformer_blocks
+
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -123,21 +125,18 @@ def _mlp_channels(mlp: nn.Module, width: int) -> Tensor:
     return importance.topk(width).indices.sort().values
 
 
-def _student_state(teacher: nn.Module, kept: list[int], width: int) -> dict[str, Tensor]:
-    """Teacher weights renamed to the student's layer numbering, MLPs sliced to `width`."""
-    state = {}
-    for name, tensor in teacher.state_dict().items():
-        if not name.startswith("model.layers."):
-            state[name] = tensor
+def _student_state(teacher: nn.Module, prefix: str, blocks: nn.ModuleList, kept: list[int], width: int | None) -> dict[str, Tensor]:
+    """Teacher weights renamed to the student's layer numbering; gated MLPs sliced to `width` when given."""
+    state = {name: tensor for name, tensor in teacher.state_dict().items() if not name.startswith(prefix + ".")}
     for new_index, old_index in enumerate(kept):
-        layer = teacher.model.layers[old_index]
-        channels = _mlp_channels(layer.mlp, width)
+        layer = blocks[old_index]
+        channels = _mlp_channels(layer.mlp, width) if width is not None else None
         for name, tensor in layer.state_dict().items():
-            if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            if channels is not None and name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
                 tensor = tensor[channels]
-            elif name == "mlp.down_proj.weight":
+            elif channels is not None and name == "mlp.down_proj.weight":
                 tensor = tensor[:, channels]
-            state[f"model.layers.{new_index}.{name}"] = tensor
+            state[f"{prefix}.{new_index}.{name}"] = tensor
     return state
 
 
@@ -147,18 +146,25 @@ def derive_student(
     layer_ratio: float | None = None,
     intermediate_ratio: float = 1.0,
 ) -> nn.Module:
-    """A smaller HF Llama initialised from `teacher` (Minitron-style depth and MLP-width pruning).
+    """A smaller model of the teacher's class initialised from it (Minitron-style depth and MLP-width pruning).
 
-    Keeps `num_layers` (or `layer_ratio` of the) decoder layers, evenly spaced with the
-    first and last always kept, and the `intermediate_ratio` most important MLP channels.
+    Keeps `num_layers` (or `layer_ratio` of the) transformer blocks, evenly spaced with the first and last
+    always kept (every other one for half the depth), and, for gated MLPs (the Llama family), the
+    `intermediate_ratio` most important MLP channels. Works for causal LMs and for sequence classifiers
+    (BERT-style encoders, Llama with a classification head): heads and embeddings are copied as they are.
     """
+    prefix, blocks = transformer_blocks(teacher)
     config = copy.deepcopy(teacher.config)
-    kept = _kept_layers(config.num_hidden_layers, num_layers, layer_ratio)
-    width = max(1, round(config.intermediate_size * intermediate_ratio))
-    if width > config.intermediate_size:
-        raise ValueError(f"intermediate_ratio must be <= 1, got {intermediate_ratio}")
+    kept = _kept_layers(len(blocks), num_layers, layer_ratio)
+    width = None
+    if intermediate_ratio != 1.0:
+        if not hasattr(blocks[0], "mlp") or not hasattr(blocks[0].mlp, "gate_proj"):
+            raise ValueError("intermediate_ratio below 1 needs a gated MLP (the Llama family); keep it at 1 for this model")
+        if not 0 < intermediate_ratio <= 1:
+            raise ValueError(f"intermediate_ratio must be in (0, 1], got {intermediate_ratio}")
+        width = max(1, round(config.intermediate_size * intermediate_ratio))
+        config.intermediate_size = width
     config.num_hidden_layers = len(kept)
-    config.intermediate_size = width
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
 
@@ -166,5 +172,54 @@ def derive_student(
         # A fresh model numbers its attention modules' layer_idx 0..n-1 (KV cache slots).
         student = type(teacher)(config)
     student.tie_weights()  # normally done by the init that no_init_weights skipped
-    student.load_state_dict(_student_state(teacher, kept, width))
+    student.load_state_dict(_student_state(teacher, prefix, blocks, kept, width))
+    student.kept_layers = kept  # which teacher layer each student layer started from (layer-to-layer transfer)
     return student.to(teacher.dtype)
+
+
+# --- sequence classifiers ---------------------------------------------------------------------------------------
+
+
+def classification_distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 2.0, alpha: float = 0.5
+) -> tuple[Tensor, dict]:
+    """alpha * T² · KL(teacher ‖ student) at temperature T + (1 - alpha) * cross-entropy on the labels.
+
+    Logits are [batch, classes]; T² keeps the soft gradients' scale independent of T (Hinton et al., 2015).
+    """
+    student = student_logits.float()
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    soft = _kl(log_t, log_s).mean() * temperature**2
+    hard = F.cross_entropy(student, labels)
+    return alpha * soft + (1 - alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
+
+
+def layer_map(kept: list[int]) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices to match: the embeddings' output, then each student layer's
+    output against the output of the teacher layer it was cut from (TinyBERT's uniform mapping)."""
+    return [(0, 0), *((i + 1, k + 1) for i, k in enumerate(kept))]
+
+
+def hidden_state_loss(student_hidden, teacher_hidden, projection: nn.Module, pairs: list[tuple[int, int]], mask: Tensor | None) -> Tensor:
+    """TinyBERT's hidden-state transfer: MSE between each matched pair, the student's states mapped to the
+    teacher's width by a learned `projection` (identity when the widths are equal), padding masked out."""
+    total = student_hidden[0].new_zeros(())
+    for s, t in pairs:
+        diff = (projection(student_hidden[s].float()) - teacher_hidden[t].detach().float()).pow(2).mean(-1)
+        total = total + (diff * mask).sum() / mask.sum() if mask is not None else total + diff.mean()
+    return total / len(pairs)
+
+
+def attention_map_loss(student_attentions, teacher_attentions, pairs: list[tuple[int, int]], mask: Tensor | None) -> Tensor:
+    """TinyBERT's attention transfer: MSE between the attention maps of matched layers (averaged over heads,
+    so a student with fewer heads can learn too), padded query rows masked out. Layer indices are 1-based,
+    as in `layer_map` (0, the embeddings, has no attention)."""
+    total = student_attentions[0].new_zeros(())
+    pairs = [(s, t) for s, t in pairs if s > 0]
+    for s, t in pairs:
+        student = student_attentions[s - 1].float().mean(1)  # [batch, query, key]
+        teacher = teacher_attentions[t - 1].detach().float().mean(1)
+        diff = (student - teacher).pow(2).sum(-1)  # per query row
+        total = total + ((diff * mask).sum() / mask.sum() if mask is not None else diff.mean())
+    return total / max(len(pairs), 1)

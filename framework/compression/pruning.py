@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Where the list of transformer blocks lives: HF Llama-like, GPT-2, and their bare base models.
-_BLOCK_LISTS = ("model.layers", "transformer.h", "layers", "h")
+# Where the list of transformer blocks lives: HF Llama-like, GPT-2, BERT-like encoders, and their bare base models.
+_BLOCK_LISTS = ("model.layers", "transformer.h", "encoder.layer", "layers", "h", "layer")
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
@@ -156,8 +156,9 @@ class _StopForward(Exception):
     """Raised by a hook to stop the forward pass once the first block's inputs are captured."""
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, calib: list[torch.Tensor]) -> list[tuple]:
-    """The (args, kwargs) the model passes to `block` for each calibration batch."""
+def _capture_block_inputs(model: nn.Module, block: nn.Module, calib: list) -> list[tuple]:
+    """The (args, kwargs) the model passes to `block` for each calibration batch: token ids (a language model)
+    or a dict of tensors (a classifier's padded batch: input_ids, attention_mask, ...)."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -167,9 +168,12 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, calib: list[torch.
     device = next(model.parameters()).device
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids in calib:
+        for batch in calib:
             try:
-                model(ids.to(device), use_cache=False)
+                if isinstance(batch, dict):
+                    model(**{k: v.to(device) for k, v in batch.items()})
+                else:
+                    model(batch.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -1,5 +1,6 @@
 """Structured pruning of HF Llama models: KV groups (with their query heads), MLP channels and
-whole decoder layers.
+whole decoder layers; and of BERT-style encoders (BERT, MiniLM, RoBERTa): feed-forward channels and
+whole layers.
 
 The result is a genuinely smaller LlamaForCausalLM. The same number of KV groups and MLP channels
 is removed from every layer so the config stays uniform and `save_pretrained` +
@@ -34,6 +35,15 @@ def _group_contributions(attn: nn.Module, x: torch.Tensor, num_groups: int) -> t
     return per_head.view(num_groups, -1).sum(dim=1)  # query heads of a group are contiguous
 
 
+def _influence(args: tuple, kwargs: dict, out, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A block's influence on its tokens (ShortGPT), summed: 1 - cos(block input, block output), over the tokens
+    `mask` keeps (all when None)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    y = out[0] if isinstance(out, tuple) else out
+    change = 1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+    return (change if mask is None else change * mask).sum().cpu()
+
+
 @torch.no_grad()
 def _importance(model: nn.Module, calib: list[torch.Tensor]) -> _Importance:
     layers = model.model.layers
@@ -55,10 +65,7 @@ def _importance(model: nn.Module, calib: list[torch.Tensor]) -> _Importance:
 
     def on_block(i):
         def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            influence[i] += (1 - cos).sum().cpu()
+            influence[i] += _influence(args, kwargs, out)
         return hook
 
     handles = []
@@ -147,6 +154,83 @@ def _keep_layers(model: nn.Module, kept: list[int]) -> None:
     model.config.num_hidden_layers = len(kept)
 
 
+def is_bert_like(model: nn.Module) -> bool:
+    """An encoder whose layers are BertLayer-shaped (attention, intermediate.dense, output.dense)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    return layers is not None and hasattr(layers[0], "intermediate") and hasattr(layers[0].output, "dense")
+
+
+@torch.no_grad()
+def _encoder_importance(model: nn.Module, calib: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer, each feed-forward channel's mean |input of output.dense| times its column norm; and each
+    layer's block influence (1 - cos(input, output)), over the real (unpadded) tokens of the batches."""
+    layers = model.base_model.encoder.layer
+    channel_abs = [torch.zeros(layer.output.dense.in_features) for layer in layers]
+    influence = torch.zeros(len(layers))
+    state = {"mask": None, "tokens": 0}
+
+    def on_ffn_out(i):
+        def hook(module, args):
+            x = args[0].float().abs() * state["mask"]
+            channel_abs[i] += x.reshape(-1, x.shape[-1]).sum(dim=0).cpu()
+        return hook
+
+    def on_block(i):
+        def hook(module, args, kwargs, out):
+            influence[i] += _influence(args, kwargs, out, state["mask"][..., 0])
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.output.dense.register_forward_pre_hook(on_ffn_out(i)))
+        handles.append(layer.register_forward_hook(on_block(i), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in calib:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+            state["mask"] = mask[..., None].float()
+            state["tokens"] += int(mask.sum())
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    tokens = max(state["tokens"], 1)
+    channels = [a / tokens * layer.output.dense.weight.float().norm(dim=0).cpu() for a, layer in zip(channel_abs, layers)]
+    return channels, influence / tokens
+
+
+@torch.no_grad()
+def prune_encoder_structured(model: nn.Module, calib: list[dict], mlp_ratio: float = 0.0, drop_layers: int = 0) -> nn.Module:
+    """Remove feed-forward channels (the same count in every layer, so the config stays uniform) and the
+    `drop_layers` layers of least block influence from a BERT-style encoder, in place. The result is a
+    smaller model of the same class that save_pretrained / from_pretrained round-trip."""
+    cfg = model.config
+    encoder = model.base_model.encoder
+    if not 0 <= drop_layers < len(encoder.layer):
+        raise ValueError(f"drop_layers must be in [0, {len(encoder.layer)}), got {drop_layers}")
+    channels, influence = _encoder_importance(model, calib)
+    kept_channels = max(1, cfg.intermediate_size - round(mlp_ratio * cfg.intermediate_size))
+    if kept_channels < cfg.intermediate_size:
+        for layer, scores in zip(encoder.layer, channels):
+            keep = _top(scores, kept_channels)
+            layer.intermediate.dense = _slice_linear(layer.intermediate.dense, keep, 0)
+            layer.output.dense = _slice_linear(layer.output.dense, keep, 1)
+        cfg.intermediate_size = kept_channels
+    kept = _top(influence, len(encoder.layer) - drop_layers).tolist()
+    encoder.layer = nn.ModuleList(encoder.layer[i] for i in kept)
+    for new_idx, layer in enumerate(encoder.layer):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    cfg.num_hidden_layers = len(kept)
+    return model
+
+
 @torch.no_grad()
 def prune_structured(
     model: nn.Module,
@@ -161,6 +245,12 @@ def prune_structured(
     count that keeps hidden_size divisible by the head count), mlp_ratio: fraction of MLP channels,
     drop_layers: number of decoder layers to drop. Returns the (same, now smaller) model.
     """
+    if is_bert_like(model):
+        if heads_ratio:
+            # BertConfig has one head size for every layer (hidden_size / num_attention_heads): fewer heads
+            # at the same width is not a config transformers can load.
+            raise ValueError("heads_ratio: an encoder's attention heads cannot be removed in a loadable config; use mlp_ratio or drop_layers")
+        return prune_encoder_structured(model, calib, mlp_ratio=mlp_ratio, drop_layers=drop_layers)
     cfg = model.config
     layers = model.model.layers
     if not 0 <= drop_layers < len(layers):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 OUTTYPES = ("F16", "BF16", "Q8_0", "Q4_0")

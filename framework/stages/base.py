@@ -24,17 +24,22 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from framework import artifacts
 from framework.config import ModelConfig, StageConfig, one_of, to_schema, unknown_key_message
 from framework.data import check_data_config
+from framework.labeled import LABELED_SOURCES, check_labeled_config
 from framework.errors import ConfigError
 from framework.hardware import check_machine
 from framework.models import check_model_config, model_max_positions
 from framework.training.modules import check_training_config
+from framework.training.tasks import TASKS
 from framework.training.tracking import check_logger_config
 
 
 def check_common(cfg: DictConfig) -> None:
     """The checks of the sections every stage has: model, data, optimization, logging, machine."""
+    one_of("task", cfg.task.name, TASKS)
     check_model_config(cfg.model)
-    check_data_config(cfg.data)
+    if cfg.task.name == "causal_lm" and cfg.data.source in LABELED_SOURCES[:2]:
+        raise ConfigError("data", f"'{cfg.data.name}' is labeled text for classification: add task=classification")
+    (check_labeled_config if cfg.task.name == "classification" else check_data_config)(cfg.data)
     if cfg.eval_data is not None:
         try:
             check_data_config(cfg.eval_data)
@@ -43,6 +48,8 @@ def check_common(cfg: DictConfig) -> None:
     check_training_config(cfg)
     check_logger_config(cfg.logger)
     check_machine(cfg)
+    if cfg.task.name == "classification" and cfg.model.arch in ("llama", "gpt2"):
+        raise ConfigError("model", f"classification starts from a pretrained model (model=minilm_l6, or model=hf model.path=...), not a from-scratch {cfg.model.arch}")
     max_positions = model_max_positions(cfg.model)
     if max_positions is not None and cfg.data.block_size > max_positions:
         raise ConfigError("data.block_size", f"{cfg.data.block_size} is larger than the model's {max_positions} positions")

@@ -17,6 +17,7 @@ from framework.errors import ConfigError
 from framework.models import load_model_dir
 from framework.stages.base import Stage, artifact_config, num_layers
 from framework.training import StageHooks, train
+from framework.training.classification import ClassificationDistillationModule
 from framework.training.modules import DistillationModule
 
 
@@ -31,6 +32,10 @@ class DistillConfig:
     layer_ratio: Optional[float] = 0.5
     intermediate_ratio: float = 1.0
     baseline: bool = True  # also train the same student without a teacher, for comparison
+    # Classifiers only (TinyBERT): match the teacher's hidden states (through a learned projection when the
+    # widths differ) and attention maps, student layer i against the teacher layer it was cut from.
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
 
 
 class DistillStage(Stage):
@@ -55,6 +60,13 @@ class DistillStage(Stage):
         in_range("distill.alpha", d.alpha, 0, 1)
         positive("trainer.max_steps", cfg.trainer.max_steps)
         in_range("distill.intermediate_ratio", d.intermediate_ratio, 0, 1, low_open=True)
+        positive("distill.hidden_weight", d.hidden_weight, allow_zero=True)
+        positive("distill.attention_weight", d.attention_weight, allow_zero=True)
+        if cfg.task.name == "classification" and d.loss != "forward_kl":
+            raise ConfigError("distill.loss", f"'{d.loss}' is for language models; a classifier distils with forward_kl (soft targets at a temperature)")
+        if cfg.task.name != "classification" and (d.hidden_weight or d.attention_weight):
+            key = "distill.hidden_weight" if d.hidden_weight else "distill.attention_weight"
+            raise ConfigError(key, "hidden-state and attention transfer are for task=classification")
         if d.student == "config":
             return
         if d.num_layers is None and d.layer_ratio is None:
@@ -73,30 +85,53 @@ class DistillStage(Stage):
         stage_dir = stage_dir or cfg.run_dir
         inputs = [*input_fingerprints, *self.input_fingerprints(cfg)]
         # Loaded when a run needs it, not before: a finished stage (or baseline) never reads the teacher.
-        teacher = functools.cache(lambda: load_model_dir(os.path.join(d.teacher, artifacts.MODEL)).eval())
-        prepare = _student_builder(d, teacher)
+        classify = cfg.task.name == "classification"
+        teacher = functools.cache(lambda: _load_teacher(d, classify))
+        prepare = _student_builder(d, teacher, classify)
 
         baseline = {}
         if d.baseline:
             alone = train(cfg, os.path.join(stage_dir, "baseline"), inputs, "distill-baseline", StageHooks(prepare_model=prepare))
             if alone:  # empty on ranks other than 0, which write nothing
-                baseline = {"baseline_val_loss": alone["val_loss"], "baseline_val_ppl": alone["val_ppl"]}
+                measures = ("val_loss", "val_accuracy", "val_macro_f1") if classify else ("val_loss", "val_ppl")
+                baseline = {f"baseline_{m}": alone[m] for m in measures}
+
+        def module(model, c):
+            if classify:
+                return ClassificationDistillationModule(
+                    model, teacher(), c.optimizer, c.scheduler, c.trainer.max_steps, d.temperature, d.alpha, d.hidden_weight, d.attention_weight
+                )
+            return DistillationModule(model, teacher(), c.optimizer, c.scheduler, c.trainer.max_steps, d.loss, d.temperature, d.alpha)
+
         hooks = StageHooks(
             prepare_model=prepare,
-            module_factory=lambda model, c: DistillationModule(model, teacher(), c.optimizer, c.scheduler, c.trainer.max_steps, d.loss, d.temperature, d.alpha),
+            module_factory=module,
             extra_metrics=lambda model, _: {**baseline, "teacher_params": sum(p.numel() for p in teacher().parameters())},
         )
         return train(cfg, stage_dir, inputs, "distill", hooks)
 
 
-def _student_builder(d: DictConfig, teacher):
+def _load_teacher(d: DictConfig, classify: bool):
+    teacher = load_model_dir(os.path.join(d.teacher, artifacts.MODEL)).eval()
+    if classify and d.attention_weight > 0:
+        teacher.set_attn_implementation("eager")  # fused attention kernels return no attention maps
+    return teacher
+
+
+def _student_builder(d: DictConfig, teacher, classify: bool):
     def prepare(model, datamodule):
-        try:  # logit distillation compares distributions over one shared vocabulary
-            distillation.check_vocab_sizes(teacher().config, model.config)
-        except ValueError as err:
-            raise ConfigError("distill.student", str(err)) from None
+        if classify:  # soft targets are distributions over one set of classes, in one order
+            if teacher().config.id2label != model.config.id2label:
+                raise ConfigError("distill.teacher", f"the teacher's classes {list(teacher().config.id2label.values())} are not the data's {list(model.config.id2label.values())}")
+        else:
+            try:  # logit distillation compares distributions over one shared vocabulary
+                distillation.check_vocab_sizes(teacher().config, model.config)
+            except ValueError as err:
+                raise ConfigError("distill.student", str(err)) from None
         if d.student == "derive":
-            return distillation.derive_student(teacher(), num_layers=d.num_layers, layer_ratio=None if d.num_layers else d.layer_ratio, intermediate_ratio=d.intermediate_ratio)
+            model = distillation.derive_student(teacher(), num_layers=d.num_layers, layer_ratio=None if d.num_layers else d.layer_ratio, intermediate_ratio=d.intermediate_ratio)
+        if classify and d.attention_weight > 0:
+            model.set_attn_implementation("eager")
         return model
 
     return prepare

@@ -73,6 +73,8 @@ class ExportStage(Stage):
         e = cfg.export
         if cfg.trainer.max_steps:
             raise ConfigError("trainer.max_steps", "the export stage does not train (0); finetune in an earlier stage")
+        if cfg.task.name != "causal_lm" or artifacts.holds_classifier(cfg.input):
+            raise ConfigError("export.format", "GGUF and ONNX exports are written for causal language models; a classifier's model/ loads in transformers as it is")
         if e.format == "gguf":
             one_of("export.outtype", e.outtype, gguf.OUTTYPES)
             config = artifact_config(cfg.input)  # None while a pipeline plans: checked when the stage runs

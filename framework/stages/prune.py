@@ -152,7 +152,8 @@ class PruneStage(Stage):
             try:
                 apply(model, calibration, p)
             except ValueError as err:  # a setting the model cannot take (more layers to drop than it has)
-                raise ConfigError(f"prune.{'drop_layers' if 'drop_layers' in str(err) else 'method'}", str(err)) from None
+                key = next((k for k in ("drop_layers", "heads_ratio") if str(err).startswith(k) or f"{k} must" in str(err)), "method")
+                raise ConfigError(f"prune.{key}", str(err).removeprefix(f"{key}: ")) from None
             return model
 
         return prepare

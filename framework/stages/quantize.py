@@ -41,11 +41,12 @@ class QuantizeConfig:
     hf_copy: bool = True
 
 
-def resolve_backend(q: DictConfig, cuda: bool) -> str:
-    """auto: onnxruntime where it runs the method faster than fp32 (a CPU, int8 compute, 2/4/8 bits), else torchao."""
+def resolve_backend(q: DictConfig, cuda: bool, task: str) -> str:
+    """auto: onnxruntime where it runs the method faster than fp32 (a causal LM on a CPU, int8 compute, 2/4/8
+    bits), else torchao."""
     if q.backend != "auto":
         return q.backend
-    return "onnxruntime" if not cuda and q.method == "dynamic" and q.bits in ONNX_BITS and not q.qat else "torchao"
+    return "onnxruntime" if task == "causal_lm" and not cuda and q.method == "dynamic" and q.bits in ONNX_BITS and not q.qat else "torchao"
 
 
 class QuantizeStage(Stage):
@@ -63,7 +64,7 @@ class QuantizeStage(Stage):
             raise ConfigError("quantize.bits", f"must be an integer from 2 to 8, got {q.bits}")
         positive("quantize.group_size", q.group_size)
         cuda = uses_gpu(cfg.trainer.accelerator)
-        q.backend = resolve_backend(q, cuda)
+        q.backend = resolve_backend(q, cuda, cfg.task.name)
         if q.qat and cfg.trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps", "quantize.qat=true needs training steps (> 0)")
         if q.qat and q.bits != 8:
@@ -89,6 +90,8 @@ class QuantizeStage(Stage):
             raise ConfigError("quantize.group_size", f"onnxruntime needs a power of 2 >= 16, got {q.group_size}")
         if cuda:
             raise ConfigError("quantize.backend", "the onnxruntime backend writes a CPU model; on CUDA use quantize.backend=torchao")
+        if cfg.task.name != "causal_lm":
+            raise ConfigError("quantize.backend", "the onnxruntime backend writes causal language models; quantize a classifier with quantize.backend=torchao")
         if cfg.trainer.max_steps:
             raise ConfigError("trainer.max_steps", "the onnxruntime backend quantizes after training (0); finetune in an earlier stage")
 

@@ -29,8 +29,9 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     config = model.config
     embedding_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     params = sum(p.numel() for p in model.parameters()) - embedding_params
-    if getattr(config, "tie_word_embeddings", False):
-        params += model.get_output_embeddings().weight.numel()  # the lm_head matmul still happens
+    output = model.get_output_embeddings() if getattr(config, "tie_word_embeddings", False) else None
+    if output is not None:  # a tied lm_head's matmul still happens (a classifier has no lm_head)
+        params += output.weight.numel()
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     width = getattr(config, "hidden_size", None) or config.n_embd
     return 6 * params + 12 * layers * width * seq_len

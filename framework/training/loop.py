@@ -25,20 +25,21 @@ from omegaconf import DictConfig
 
 from framework import artifacts
 from framework.config import as_plain
-from framework.data import LMDataModule, corpus_id, load_documents
+from framework.data import LMDataModule
 from framework.distributed import is_rank_zero, local_world_size
-from framework.evaluation import SPEED_THREADS, evaluate_loss, model_metrics, perplexity
+from framework.evaluation import SPEED_THREADS, model_metrics
 from framework.models import build_model_and_tokenizer, count_parameters, save_model_dir
 from framework.runtimes import open_runtime
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
-from framework.training.modules import CausalLMModule
-from framework.training.tracking import build_loggers, finish, log_stage_artifact
+from framework.training.tasks import TASKS, evaluation_blocks
+from framework.training.tracking import CHECKPOINTS, build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
 
 # Settings that change how a run looks or where it is written, not what it computes.
 NON_SEMANTIC_KEYS = ("run_dir", "paths", "logger", "input")  # input: its fingerprint counts, not its path
 NON_SEMANTIC_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
+NON_SEMANTIC_DATA_KEYS = ("num_workers", "num_proc", "streaming", "test_paths")  # how data is read, not what
 
 
 def semantic_config(cfg: DictConfig) -> dict:
@@ -50,11 +51,19 @@ def semantic_config(cfg: DictConfig) -> dict:
         plain["model"].pop("path")  # the input's fingerprint stands for it, wherever it lies
     for key in NON_SEMANTIC_TRAINER_KEYS:
         plain.get("trainer", {}).pop(key, None)
+    for key in NON_SEMANTIC_DATA_KEYS:
+        plain.get("data", {}).pop(key, None)
     return plain
 
 
 def checkpoint_dir(stage_dir: str) -> str:
-    return os.path.join(stage_dir, "checkpoints")
+    return os.path.join(stage_dir, CHECKPOINTS)
+
+
+def enclosing_stage(run_dir: str, stage_dir: str) -> str | None:
+    """The stage a run in a subdirectory of its config's run_dir is a part of (distill's baseline), else None."""
+    run_dir, stage_dir = os.path.abspath(run_dir), os.path.abspath(stage_dir)
+    return run_dir if stage_dir != run_dir and os.path.commonpath([run_dir, stage_dir]) == run_dir else None
 
 
 def resumable_checkpoint(stage_dir: str, stage_fingerprint: str) -> str | None:
@@ -148,7 +157,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
         num_sanity_val_steps=0,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
+        log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),  # a stage shorter than that logs its last step
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
@@ -159,7 +168,7 @@ def build_trainer(cfg: DictConfig, stage_dir: str, callbacks: list[pl.Callback],
     )
 
 
-def apply_lora(model, finetune_cfg: DictConfig):
+def apply_lora(model, finetune_cfg: DictConfig, task: str):
     from peft import LoraConfig, get_peft_model
 
     target = finetune_cfg.target_modules
@@ -168,7 +177,7 @@ def apply_lora(model, finetune_cfg: DictConfig):
         lora_alpha=finetune_cfg.alpha,
         lora_dropout=finetune_cfg.dropout,
         target_modules=target if isinstance(target, str) else list(target),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",  # SEQ_CLS keeps the new head trainable
     )
     return get_peft_model(model, lora)
 
@@ -244,27 +253,26 @@ def train(
     if is_rank_zero():
         artifacts.invalidate(stage_dir)
     claim_checkpoints(stage_dir, stage_fingerprint)
+    part_of = enclosing_stage(cfg.run_dir, stage_dir)
+    if part_of:  # its tracker run nests under that stage's, which this claims for this config (they share it)
+        claim_checkpoints(part_of, stage_fingerprint)
     started = time.perf_counter()
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    documents = load_documents(cfg.data)
-    model, tokenizer = build_model_and_tokenizer(
-        cfg.model, cfg.paths.cache_dir, corpus=(lambda: (text for _, text in documents), corpus_id(cfg.data))
-    )
-    datamodule = LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed, documents)
-    eval_blocks = evaluation_blocks(cfg, tokenizer, datamodule)
-    val_loss_start = evaluate_loss(model, eval_blocks, cfg.data.batch_size)
-    model.train()  # evaluate_loss left it in eval mode, which Lightning would keep (no dropout)
+    task = TASKS[cfg.task.name]
+    model, tokenizer, datamodule = task.build(cfg)
+    start_metrics = task.start(model, datamodule, cfg)
+    model.train()  # the evaluation left it in eval mode, which Lightning would keep (no dropout)
     if hooks.prepare_model is not None:
         model = hooks.prepare_model(model, datamodule)
     if cfg.finetune.method == "lora":
-        model = apply_lora(model, cfg.finetune)
-    module = (hooks.module_factory or default_module)(model, cfg)
+        model = apply_lora(model, cfg.finetune, task.name)
+    module = (hooks.module_factory or task.module)(model, cfg)
     # model_parallel and fsdp shard the weights during fit; a plain copy receives them back afterwards.
     unsharded = copy.deepcopy(module.model) if cfg.strategy.name in ("model_parallel", "fsdp") else None
 
     throughput = Throughput(cfg.trainer.peak_flops, cfg.precision.name)
-    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg), part_of)
     callbacks = [throughput, *hooks.callbacks, *_extra_callbacks.get()]
     if cfg.finetune.keep_sparsity:
         from framework.compression.gradual import KeepZeros
@@ -273,7 +281,9 @@ def train(
     trainer = build_trainer(cfg, stage_dir, callbacks, loggers)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    error = None
     try:
+        _log_start(loggers, cfg, start_metrics)
         if cfg.trainer.max_steps > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if cfg.strategy.name == "fsdp":  # FSDP wraps the whole LightningModule, whose keys start with "model."
@@ -285,8 +295,7 @@ def train(
         final = merged_model(module.model).float()
         if hooks.finalize is not None:
             final = hooks.finalize(final)
-        metrics = model_metrics(final, eval_blocks, cfg.data.batch_size, tokenizer)
-        metrics.update(val_loss_start=val_loss_start, val_ppl_start=perplexity(val_loss_start))
+        metrics = {**task.evaluate(final, datamodule, cfg), **start_metrics}
         if cfg.trainer.max_steps > 0:
             metrics.update(**_training_totals(trainer, throughput), train_loss=_final(trainer, "train/loss"))
         if hooks.extra_metrics is not None:
@@ -294,13 +303,17 @@ def train(
         metrics.update(kind=job_type, wall_time_s=time.perf_counter() - started)
         save = hooks.save_model or save_model_dir
         artifacts.write_artifact(stage_dir, lambda d: save(final, tokenizer, d), metrics, cfg, stage_fingerprint)
-        for logger in loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
-        log.info("%s: val_ppl %.2f (was %.2f)", stage_dir, metrics["val_ppl"], metrics["val_ppl_start"])
+        task.after_artifact(stage_dir, metrics)  # before the tracker takes the stage's files
+        for logger in loggers:  # under the names of metrics.json, after the last training step
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics.get("train_steps", 0))
+        log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint, part_of)
+        log.info("%s: %s %.4g (was %.4g)", stage_dir, task.measure, metrics[task.measure], metrics[f"{task.measure}_start"])
         return artifacts.read_metrics(stage_dir)
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        finish(loggers)
+        finish(loggers, cfg.logger, error)
 
 
 def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence[str], job_type: str, write_model: Callable, extra_metrics: dict | None = None) -> dict:
@@ -314,7 +327,7 @@ def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence
     artifacts.invalidate(stage_dir)
     started = time.perf_counter()
     model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir)
-    eval_blocks = evaluation_blocks(cfg, tokenizer, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed))
+    eval_blocks = evaluation_blocks(cfg, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed))
     total, nonzero = count_parameters(model)  # of the model written out: the runtime may not expose them
 
     def measure(model_dir: str) -> dict:
@@ -322,17 +335,21 @@ def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence
         metrics.update(model_metrics(open_runtime(model_dir, SPEED_THREADS), eval_blocks, cfg.data.batch_size, tokenizer))
         return {**metrics, **(extra_metrics or {}), "kind": job_type, "wall_time_s": time.perf_counter() - started}
 
-    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint[:16], job_type, as_plain(cfg))
+    loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg))
+    error = None
     try:
         artifacts.write_artifact(stage_dir, lambda d: write_model(model, tokenizer, d), measure, cfg, stage_fingerprint)
         metrics = artifacts.read_metrics(stage_dir)
-        for logger in loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for logger in loggers:  # under the names of metrics.json, as a training stage logs them
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
         log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
         log.info("%s: val_ppl %.2f in %s", stage_dir, metrics["val_ppl"], metrics["runtime"])
         return metrics
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        finish(loggers)
+        finish(loggers, cfg.logger, error)
 
 
 def _finished(stage_dir: str, stage_fingerprint: str) -> bool:
@@ -347,16 +364,15 @@ def _finished(stage_dir: str, stage_fingerprint: str) -> bool:
     return False
 
 
-def evaluation_blocks(cfg: DictConfig, tokenizer, datamodule: LMDataModule):
-    """The held-out blocks a stage's final metrics are measured on: the val split of `eval_data` (a
-    pipeline's evaluation set, the same for every stage) or, without it, of the stage's own data."""
-    if cfg.get("eval_data") is None:
-        return datamodule.val_blocks()
-    return LMDataModule(cfg.eval_data, tokenizer, cfg.paths.cache_dir, cfg.seed).val_blocks()
-
-
-def default_module(model, cfg: DictConfig) -> pl.LightningModule:
-    return CausalLMModule(model, cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+def _log_start(loggers, cfg: DictConfig, start_metrics: dict) -> None:
+    """The val measures of the model the stage was given (val/loss, val/ppl or val/accuracy), at step 0: where its
+    curves start (a one-shot stage's only step). Not when Lightning validates after the first step, which it logs
+    at step 0 as well."""
+    if cfg.trainer.max_steps > 0 and cfg.trainer.val_check_interval == 1:
+        return
+    start = {f"val/{name.removeprefix('val_').removesuffix('_start')}": value for name, value in start_metrics.items()}
+    for logger in loggers:
+        logger.log_metrics(start, step=0)
 
 
 def _training_totals(trainer: pl.Trainer, throughput: Throughput) -> dict:

@@ -87,17 +87,14 @@ def lr_lambda(cfg: DictConfig, max_steps: int):
     return multiplier
 
 
-class CausalLMModule(pl.LightningModule):
-    """Next-token prediction on packed blocks. The HF model lives at `self.model`."""
+class StageModule(pl.LightningModule):
+    """What every stage's LightningModule shares: the HF model at `self.model`, its optimizer and schedule,
+    and FSDP2 sharding under strategy=model_parallel. Subclasses say what a step computes."""
 
     def __init__(self, model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler_cfg: DictConfig, max_steps: int):
         super().__init__()
         self.model = model
         self.optimizer_cfg, self.scheduler_cfg, self.max_steps = optimizer_cfg, scheduler_cfg, max_steps
-        self._val_loss_sum = self._val_tokens = 0.0
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
 
     def configure_model(self):
         """Under strategy=model_parallel: shard each decoder layer, then the rest, over the data-parallel mesh (FSDP2)."""
@@ -111,6 +108,31 @@ class CausalLMModule(pl.LightningModule):
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP precision plugin refuses clipping by norm; FSDP's own clip_grad_norm_ takes the norm
+        # over every rank's shards, which is the norm of the whole model's gradient.
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and hasattr(wrapped, "clip_grad_norm_"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.scheduler_cfg, self.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class CausalLMModule(StageModule):
+    """Next-token prediction on packed blocks."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler_cfg: DictConfig, max_steps: int):
+        super().__init__(model, optimizer_cfg, scheduler_cfg, max_steps)
+        self._val_loss_sum = self._val_tokens = 0.0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
 
     def training_step(self, batch, batch_idx):
         loss = self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -133,20 +155,6 @@ class CausalLMModule(pl.LightningModule):
         val_loss = self._val_loss_sum / max(self._val_tokens, 1)
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(torch.as_tensor(val_loss)), sync_dist=True)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # Lightning's FSDP precision plugin refuses clipping by norm; FSDP's own clip_grad_norm_ takes the norm
-        # over every rank's shards, which is the norm of the whole model's gradient.
-        wrapped = self.trainer.strategy.model
-        if gradient_clip_val and hasattr(wrapped, "clip_grad_norm_"):
-            wrapped.clip_grad_norm_(gradient_clip_val)
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.scheduler_cfg, self.max_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class DistillationModule(CausalLMModule):
