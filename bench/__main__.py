@@ -17,7 +17,7 @@ import warnings
 
 from framework.environment import quiet_libraries
 
-TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation", "deployment", "data")
+TABLES = ("train", "scaling", "pruning", "structure", "quantization", "distillation", "deployment", "classification", "data")
 
 
 def parse_tables(text: str) -> list[str]:
@@ -44,7 +44,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     from transformers.utils.logging import disable_progress_bar
 
-    from bench import compression, data, deployment, training
+    from bench import classification, compression, data, deployment, training
 
     disable_progress_bar()
     size = compression.QUICK_SIZE if args.quick else compression.FULL_SIZE
@@ -55,6 +55,8 @@ def main() -> None:
             print(training.scaling_table(steps=(2, 5) if args.quick else training.SCALING_STEPS))
         elif table == "deployment":
             print(deployment.deployment_table(size, rounds=2 if args.quick else deployment.ROUNDS))
+        elif table == "classification":
+            print(classification.classification_table(quick=args.quick, rounds=2 if args.quick else classification.ROUNDS))
         elif table == "data":
             data_size = data.parse_size(args.data_size) if args.data_size else data.QUICK_DATA_SIZE if args.quick else data.DATA_SIZE
             print(data.data_table(data_size, steps=5 if args.quick else data.TRAIN_STEPS))

@@ -213,7 +213,12 @@ def read_metrics(stage_dir: str) -> dict:
 
 def holds_classifier(source: str | None) -> bool:
     """Whether the artifact in `source` holds a sequence classifier (no text to generate, no KV cache to export)."""
-    path = os.path.join(source, MODEL, "config.json") if source else ""
+    return bool(source) and is_classifier(os.path.join(source, MODEL))
+
+
+def is_classifier(model_dir: str) -> bool:
+    """Whether a model directory holds a sequence classifier (its config names a ...ForSequenceClassification)."""
+    path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         return False
     with open(path) as f:

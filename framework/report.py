@@ -1,7 +1,7 @@
 """The summary of a pipeline run: a terminal table, report.md, report.json and report.png.
 
 Every stage is measured in the runtime its format targets (torch eager, onnxruntime, a GGUF read back
-through transformers), on the pipeline's evaluation set, so perplexities compare across stages."""
+through transformers), on the evaluation set a pipeline names (pipeline.evaluate_on), so perplexities compare across stages."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def row(stage: str, kind: str, stage_dir: str, metrics: dict, cached: bool, seco
     keys = (
         "runtime", "params_total", "params_nonzero", "val_ppl", "val_ppl_start", "baseline_val_ppl", "prefill_ms", "prefill_tokens",
         "decode_tokens_per_s_b1", "decode_tokens_per_s_b8", "train_tokens_per_s", "wall_time_s", "sample", "eval_blocks", "eval_block_tokens",
-        "val_accuracy", "val_macro_f1", "baseline_val_accuracy", "latency_ms_per_example",
+        "eval_data", "val_accuracy", "val_macro_f1", "baseline_val_accuracy", "latency_ms_per_example",
     )
     return {
         "stage": stage,
@@ -100,10 +100,12 @@ def measured_how(rows: list[dict]) -> str:
     """How the table's numbers were measured, from what the rows recorded."""
     first = next((r for r in rows if r.get("eval_blocks")), {})
     prompt = next((r["prefill_tokens"] for r in rows if r.get("prefill_tokens")), None)
+    sets = {r.get("eval_data") for r in rows if r.get("eval_blocks")}
+    where = (f"on the same held-out set ({sets.pop()}: {first.get('eval_blocks', '?')} blocks of {first.get('eval_block_tokens', '?')} tokens)"
+             if len(sets) == 1 else "each on the val split of its own data (pipeline.evaluate_on=<stage> puts them on one)")
     return (
-        f"Every stage in the runtime its format targets, on the same held-out set ({first.get('eval_blocks', '?')} blocks of "
-        f"{first.get('eval_block_tokens', '?')} tokens). Prefill: a {prompt}-token prompt at batch 1; decode: tokens/s of all "
-        f"sequences together at batch 1 and 8; each the median of {REPEATS} repeats after a warm-up."
+        f"Every stage in the runtime its format targets, {where}. Prefill: a {prompt}-token prompt at batch 1; decode: "
+        f"tokens/s of all sequences together at batch 1 and 8; each the median of {REPEATS} repeats after a warm-up."
     )
 
 

@@ -1,7 +1,8 @@
 """Run any model directory the framework writes, in the runtime that format targets, behind one interface:
 
     torch eager     dense, pruned, shared, low-rank and torchao-quantized models (framework.models.load_model_dir)
-    onnxruntime     ONNX exports (model.onnx with its KV-cache inputs, framework.export.onnx)
+    onnxruntime     ONNX exports (model.onnx with its KV-cache inputs, framework.export.onnx); a classifier's
+                    graph (logits of whole inputs) is called like a transformers model instead (OrtClassifier)
     GGUF            read back through transformers, which dequantizes it to fp32 and runs it in torch eager
                     (llama.cpp or Ollama run the file itself; transformers is how we check what it holds)
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import numpy as np
@@ -107,6 +109,35 @@ class OrtRuntime:
         return logits[:, -1], (present, length + 1)
 
 
+class OrtClassifier:
+    """An ONNX sequence classifier (framework.export.onnx.export_classifier_onnx) called like a transformers
+    model: `runtime(input_ids=..., attention_mask=...).logits`, with its `config`, so the classification
+    metrics measure it as they measure torch."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: str, threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoConfig
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = AutoConfig.from_pretrained(model_dir)
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None, **_):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+                 "token_type_ids": token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)}
+        (logits,) = self.session.run(["logits"], {name: given[name].numpy().astype(np.int64) for name in self.input_names})
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
 def gguf_file(model_dir: str) -> str:
     """The GGUF file of a model directory (an export stage writes one)."""
     found = sorted(glob.glob(os.path.join(model_dir, "*.gguf")))
@@ -129,6 +160,8 @@ def open_runtime(model_dir: str, threads: int | None = None):
     """The runtime that runs `model_dir`'s format (framework.artifacts.model_format); `threads` sets
     onnxruntime's (torch's are the process's: torch.set_num_threads)."""
     found = artifacts.model_format(model_dir)
+    if found == "onnx" and artifacts.is_classifier(model_dir):
+        return OrtClassifier(model_dir, threads)
     if found == "onnx":
         return OrtRuntime(os.path.join(model_dir, "model.onnx"), threads)
     if found == "gguf":

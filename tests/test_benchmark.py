@@ -152,3 +152,20 @@ def test_data_table_prepares_with_one_and_two_workers_and_trains_on_the_result(t
     assert table["corpus_bytes"] >= 2_000_000 and table["tokens"] > 100_000
     assert 0 < table["cache_bytes"] < table["corpus_bytes"]  # two bytes a token, several characters a token
     assert (tmp_path / "data.md").read_text().startswith("| step |")
+
+
+@pytest.mark.slow
+def test_classification_table_compares_every_compressed_classifier_with_its_teacher(tmp_path):
+    from bench.classification import CLASSIFICATION_COLUMNS, classification_table
+
+    classification_table(quick=True, out_dir=str(tmp_path), rounds=2, extra=["+common.precision.name=32-true"])
+    table = read_table(tmp_path, "classification")
+    assert list(table["columns"]) == list(CLASSIFICATION_COLUMNS)
+    rows = {row["run"]: row for row in table["rows"]}
+    assert list(rows) == ["teacher", "pruned", "KD student", "no-teacher student", "int8 student"]
+    assert_positive_finite(rows.values(), ("val_accuracy", "params_ratio", "size_ratio", "latency_ms", "speedup", "latency_spread"))
+    assert rows["teacher"]["speedup"] == rows["teacher"]["size_ratio"] == 1.0
+    assert rows["int8 student"]["runtime"] == "onnxruntime" and rows["KD student"]["runtime"] == "torch eager"
+    assert rows["KD student"]["params_ratio"] == rows["no-teacher student"]["params_ratio"] < 0.8  # 3 of 6 layers
+    assert rows["int8 student"]["size_ratio"] < 0.5 * rows["KD student"]["size_ratio"]
+    assert "interleaved rounds" in table["caption"]

@@ -38,7 +38,7 @@ def most_frequent_share(metrics: dict) -> float:
     return max(rows) / sum(rows)
 
 
-# experiment=classify_compress, shortened: finetune → prune (structured) → distill (3 layers) → quantize (int8).
+# experiment=classify_compress, shortened: finetune → prune (structured) → distill (3 layers) → quantize (int8) → export.
 PIPELINE = [
     "experiment=classify_compress",
     "+common.trainer.enable_progress_bar=false",
@@ -121,14 +121,36 @@ def test_distilled_student_is_smaller_and_measured_against_the_same_student_with
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_accuracy_and_the_report_shows_accuracy(pipeline_run):
+def test_int8_keeps_the_accuracy_runs_in_onnxruntime_and_the_report_shows_accuracy(pipeline_run):
     run_dir, rows = pipeline_run
-    source, quantized = metrics_of(run_dir / "distill"), metrics_of(run_dir / "quantize")
+    source, quantized, exported = (metrics_of(run_dir / name) for name in ("distill", "quantize", "export"))
+    assert quantized["runtime"] == exported["runtime"] == "onnxruntime" and quantized["backend"] == "onnxruntime"
     assert abs(quantized["val_accuracy"] - source["val_accuracy"]) <= 0.01
-    assert quantized["size_bytes"] < 0.5 * source["size_bytes"]
+    assert abs(exported["val_accuracy"] - source["val_accuracy"]) <= 0.005  # the fp32 graph computes what torch does
+    onnx_bytes = {name: sum(f.stat().st_size for f in (run_dir / name / "model").glob("model.onnx*")) for name in ("quantize", "export")}
+    assert onnx_bytes["quantize"] < 0.35 * onnx_bytes["export"]  # int8 weights and embedding tables
+    assert {"latency_ms_per_example", "params_total"} <= set(quantized)
     report = (run_dir / "report.md").read_text()
     assert "val acc" in report and "val ppl" not in report
     assert "without a teacher reaches val accuracy" in report
+
+
+@pytest.mark.slow
+def test_int8_onnx_loads_in_plain_onnxruntime_and_agrees_with_its_torch_source(pipeline_run, docstrings):
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _ = pipeline_run
+    model_dir = run_dir / "quantize" / "model"
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = tokenizer([d.text for d in docstrings[:48]], padding=True, truncation=True, max_length=128, return_tensors="np")
+    (logits,) = session.run(["logits"], {i.name: encoded[i.name].astype(np.int64) for i in session.get_inputs()})
+    source = AutoModelForSequenceClassification.from_pretrained(run_dir / "distill" / "model").eval()
+    with torch.no_grad():
+        expected = source(**{k: torch.from_numpy(v) for k, v in encoded.items()}).logits.argmax(-1).numpy()
+    assert (logits.argmax(-1) == expected).mean() >= 0.9
 
 
 def write_csv(path, rows, header):

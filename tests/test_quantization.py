@@ -191,4 +191,5 @@ def test_auto_backend_is_onnxruntime_for_int8_compute_on_a_cpu_and_torchao_on_cu
     assert backend(False, method="weight_only") == "torchao"  # weight-only: fp compute, nothing for onnxruntime to speed up
     assert backend(False, bits=3) == "torchao" and backend(False, qat=True) == "torchao"
     assert backend(False, backend="torchao") == "torchao"
-    assert backend(False, task="classification") == "torchao"  # the ONNX graph written is a causal LM's
+    # A classifier's graph: onnxruntime's dynamic int8 (quantize_dynamic); other widths stay with torchao.
+    assert backend(False, task="classification") == "onnxruntime" and backend(False, task="classification", bits=4) == "torchao"

@@ -178,3 +178,63 @@ def _attribute(node, name: str):
     from onnx import helper
 
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+# --- sequence classifiers ---------------------------------------------------------------------------------------
+#
+# An encoder classifier (BERT, MiniLM, RoBERTa) as one graph: input_ids, attention_mask and, where the model has
+# segments, token_type_ids ([batch, sequence]) -> logits [batch, labels]. int8 (bits=8) is onnxruntime's
+# quantize_dynamic, the classic CPU route for BERT: int8 weights per output channel for every MatMul and the
+# embedding tables, activations quantized per tensor at run time. Measured on the finetuned all-MiniLM-L6-v2
+# (391 val examples, one thread): the same accuracy as torch, a quarter of the size, ~5x faster than torch eager
+# and ~2.4x faster than fp32 onnxruntime. MatMulNBits (the LM route above) left the embeddings in fp32 (60 MB of
+# 91) and ran no faster than fp32 here; per-tensor weights lost a point of accuracy.
+
+CLASSIFIER_BITS = (8,)
+
+
+def classifier_inputs(config) -> list[str]:
+    """The graph's inputs: token_type_ids only for a model with segments (BERT's type_vocab_size > 1)."""
+    return ["input_ids", "attention_mask"] + (["token_type_ids"] if getattr(config, "type_vocab_size", 0) > 1 else [])
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs))).logits
+
+
+def export_classifier_onnx(model, directory: str, bits: int | None = None) -> None:
+    """Write `directory`/model.onnx (+ model.onnx.data) and config.json of a sequence classifier; bits=8: int8."""
+    import warnings
+
+    import onnx
+
+    names = classifier_inputs(model.config)
+    # Batch 2 of 7 tokens, the second padded: tracing sees a real mask, and no dimension of size 0 or 1.
+    sample = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), "token_type_ids": torch.zeros(2, 7, dtype=torch.long)}
+    with tempfile.TemporaryDirectory(prefix="onnx-export-") as scratch:
+        traced = os.path.join(scratch, MODEL_FILE)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                _Logits(model.eval(), names), tuple(sample[n] for n in names), traced, dynamo=False, input_names=names, output_names=["logits"],
+                dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}}, opset_version=17,
+            )
+        if bits:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized, root = os.path.join(scratch, "int8.onnx"), logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # it logs a hint to the root logger ("consider pre-processing") on every call
+            try:
+                quantize_dynamic(traced, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            finally:
+                root.setLevel(level)
+            traced = quantized
+        graph = onnx.load(traced)
+    onnx.save(graph, os.path.join(directory, MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    model.config.save_pretrained(directory)

@@ -140,6 +140,8 @@ class Stage:
             return
         found = planned[self.input_key] if planned is not None else artifacts.check_artifact(source, self.input_key)
         self.check_input_format(found, self.input_key, source)
+        if cfg.task.name == "causal_lm" and artifacts.holds_classifier(source):
+            raise ConfigError("task", f"'{source}' holds a sequence classifier: add task=classification")
         self.use_input(cfg, source)
 
     def check_input_format(self, found: str, key: str, source: str) -> None:

@@ -3,7 +3,8 @@
   gguf   one .gguf file for llama.cpp and Ollama (Llama-architecture models): export.outtype F16, BF16,
          Q8_0 or Q4_0; measured as transformers reads it back (dequantized to fp32, torch eager)
   onnx   model.onnx (+ .data) for onnxruntime, KV cache as inputs and outputs: fp32 weights, or
-         export.bits 8/4/2 (MatMulNBits, int8 compute); measured in onnxruntime
+         export.bits 8/4/2 (MatMulNBits, int8 compute); measured in onnxruntime. A classifier (task=
+         classification): logits of whole inputs, fp32 or export.bits=8 (onnxruntime's dynamic int8)
 
 The model/ directory holds the file(s) and the tokenizer; metrics.json sits beside it as for every
 artifact. The stage does not train (framework.training.convert). Low-rank models are multiplied back to
@@ -54,7 +55,10 @@ class OnnxConfig:
 
     @staticmethod
     def write(model, tokenizer, directory: str, e: DictConfig, name: str) -> None:
-        onnx.export_onnx(model, directory, bits=e.bits, block_size=e.group_size)
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            onnx.export_classifier_onnx(model, directory, bits=e.bits)
+        else:
+            onnx.export_onnx(model, directory, bits=e.bits, block_size=e.group_size)
 
 
 class ExportStage(Stage):
@@ -73,8 +77,12 @@ class ExportStage(Stage):
         e = cfg.export
         if cfg.trainer.max_steps:
             raise ConfigError("trainer.max_steps", "the export stage does not train (0); finetune in an earlier stage")
-        if cfg.task.name != "causal_lm" or artifacts.holds_classifier(cfg.input):
-            raise ConfigError("export.format", "GGUF and ONNX exports are written for causal language models; a classifier's model/ loads in transformers as it is")
+        if cfg.task.name == "classification":
+            if e.format != "onnx":
+                raise ConfigError("export.format", f"{e.format} holds causal language models; export a classifier with export=onnx (onnxruntime)")
+            if e.bits not in (None, *onnx.CLASSIFIER_BITS):
+                raise ConfigError("export.bits", f"a classifier's ONNX graph takes null (fp32) or 8 (int8), got {e.bits}")
+            return
         if e.format == "gguf":
             one_of("export.outtype", e.outtype, gguf.OUTTYPES)
             config = artifact_config(cfg.input)  # None while a pipeline plans: checked when the stage runs

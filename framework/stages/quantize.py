@@ -3,7 +3,8 @@ time, through the backend that makes them pay off where the model will run:
 
   onnxruntime  (quantize.backend=auto on a CPU) an ONNX model whose MatMuls run int8 x int`bits` dot
                products (MatMulNBits, 2, 4 or 8 bits): smaller and faster than fp32 torch on a CPU; at 8 bits
-               (quantize.hf_copy) the directory also holds the torchao int8 model, for plain transformers
+               (quantize.hf_copy) the directory also holds the torchao int8 model, for plain transformers.
+               A classifier: onnxruntime's dynamic int8 (quantize_dynamic, 8 bits), the classic BERT route
   torchao      (auto on CUDA, for weight-only and QAT, or when asked) torchao tensors that plain
                transformers loads; fast on GPUs, slower than fp32 on a CPU (an accuracy format there)
 
@@ -21,7 +22,7 @@ from framework.compression import quantization
 from framework.config import one_of, positive
 from framework.errors import ConfigError
 from framework.export.onnx import BITS as ONNX_BITS
-from framework.export.onnx import export_onnx
+from framework.export.onnx import CLASSIFIER_BITS, export_classifier_onnx, export_onnx
 from framework.hardware import uses_gpu
 from framework.stages.base import Stage
 from framework.training import StageHooks, convert, train
@@ -41,12 +42,17 @@ class QuantizeConfig:
     hf_copy: bool = True
 
 
+def onnx_bits(task: str) -> tuple[int, ...]:
+    """The weight widths the ONNX graph of the task holds: MatMulNBits for a causal LM, int8 for a classifier."""
+    return ONNX_BITS if task == "causal_lm" else CLASSIFIER_BITS
+
+
 def resolve_backend(q: DictConfig, cuda: bool, task: str) -> str:
-    """auto: onnxruntime where it runs the method faster than fp32 (a causal LM on a CPU, int8 compute, 2/4/8
-    bits), else torchao."""
+    """auto: onnxruntime where it runs the method faster than fp32 (a CPU, int8 compute, the bits its graph
+    holds), else torchao."""
     if q.backend != "auto":
         return q.backend
-    return "onnxruntime" if task == "causal_lm" and not cuda and q.method == "dynamic" and q.bits in ONNX_BITS and not q.qat else "torchao"
+    return "onnxruntime" if not cuda and q.method == "dynamic" and q.bits in onnx_bits(task) and not q.qat else "torchao"
 
 
 class QuantizeStage(Stage):
@@ -82,16 +88,15 @@ class QuantizeStage(Stage):
         q = cfg.quantize
         if q.method != "dynamic":
             raise ConfigError("quantize.method", "onnxruntime runs quantized weights fast only with int8 compute (quantize.method=dynamic); weight-only is slower than fp32 there (use quantize.backend=torchao)")
-        if q.bits not in ONNX_BITS:
-            raise ConfigError("quantize.bits", f"onnxruntime's MatMulNBits holds {', '.join(map(str, ONNX_BITS))} bits, got {q.bits} (quantize.backend=torchao takes 2 to 8)")
+        if q.bits not in onnx_bits(cfg.task.name):
+            held = "8 bits for a classifier" if cfg.task.name != "causal_lm" else f"{', '.join(map(str, ONNX_BITS))} bits (MatMulNBits)"
+            raise ConfigError("quantize.bits", f"the onnxruntime backend writes {held}, got {q.bits} (quantize.backend=torchao takes 2 to 8)")
         if q.qat:
             raise ConfigError("quantize.qat", "quantization-aware training runs with quantize.backend=torchao")
         if q.group_size < 16 or q.group_size & (q.group_size - 1):
             raise ConfigError("quantize.group_size", f"onnxruntime needs a power of 2 >= 16, got {q.group_size}")
         if cuda:
             raise ConfigError("quantize.backend", "the onnxruntime backend writes a CPU model; on CUDA use quantize.backend=torchao")
-        if cfg.task.name != "causal_lm":
-            raise ConfigError("quantize.backend", "the onnxruntime backend writes causal language models; quantize a classifier with quantize.backend=torchao")
         if cfg.trainer.max_steps:
             raise ConfigError("trainer.max_steps", "the onnxruntime backend quantizes after training (0); finetune in an earlier stage")
 
@@ -104,7 +109,10 @@ class QuantizeStage(Stage):
         label = {"quantization": f"int{q.bits}_{q.method}", "backend": q.backend, "qat": q.qat}
         if q.backend == "onnxruntime":
             def write(model, tokenizer, directory):
-                export_onnx(model, directory, bits=q.bits, block_size=q.group_size)
+                if cfg.task.name == "causal_lm":
+                    export_onnx(model, directory, bits=q.bits, block_size=q.group_size)
+                else:
+                    export_classifier_onnx(model, directory, bits=q.bits)
                 if q.hf_copy and q.bits == 8:  # after the export, which traced the fp32 model
                     self.save(quantization.quantize_ptq(model, "dynamic", 8), tokenizer, directory, q)
                 tokenizer.save_pretrained(directory)

@@ -25,13 +25,12 @@ from omegaconf import DictConfig
 
 from framework import artifacts
 from framework.config import as_plain
-from framework.data import LMDataModule
 from framework.distributed import is_rank_zero, local_world_size
-from framework.evaluation import SPEED_THREADS, model_metrics
-from framework.models import build_model_and_tokenizer, count_parameters, save_model_dir
+from framework.evaluation import SPEED_THREADS
+from framework.models import count_parameters, save_model_dir
 from framework.runtimes import open_runtime
 from framework.training.callbacks import AtomicCheckpoint, NanGuard, RequeueOnSignal, StepProgressBar, Throughput
-from framework.training.tasks import TASKS, evaluation_blocks
+from framework.training.tasks import TASKS
 from framework.training.tracking import CHECKPOINTS, build_loggers, finish, log_stage_artifact
 
 log = logging.getLogger(__name__)
@@ -326,13 +325,13 @@ def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence
         return artifacts.read_metrics(stage_dir)
     artifacts.invalidate(stage_dir)
     started = time.perf_counter()
-    model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.paths.cache_dir)
-    eval_blocks = evaluation_blocks(cfg, LMDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.seed))
+    task = TASKS[cfg.task.name]
+    model, tokenizer, datamodule = task.build(cfg)
     total, nonzero = count_parameters(model)  # of the model written out: the runtime may not expose them
 
     def measure(model_dir: str) -> dict:
         metrics = {"params_total": total, "params_nonzero": nonzero, "sparsity": 1 - nonzero / total}
-        metrics.update(model_metrics(open_runtime(model_dir, SPEED_THREADS), eval_blocks, cfg.data.batch_size, tokenizer))
+        metrics.update(task.evaluate(open_runtime(model_dir, SPEED_THREADS), datamodule, cfg))
         return {**metrics, **(extra_metrics or {}), "kind": job_type, "wall_time_s": time.perf_counter() - started}
 
     loggers = build_loggers(cfg.logger, stage_dir, stage_fingerprint, job_type, as_plain(cfg))
@@ -340,10 +339,11 @@ def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence
     try:
         artifacts.write_artifact(stage_dir, lambda d: write_model(model, tokenizer, d), measure, cfg, stage_fingerprint)
         metrics = artifacts.read_metrics(stage_dir)
+        task.after_artifact(stage_dir, metrics)
         for logger in loggers:  # under the names of metrics.json, as a training stage logs them
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
         log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
-        log.info("%s: val_ppl %.2f in %s", stage_dir, metrics["val_ppl"], metrics["runtime"])
+        log.info("%s: %s %.4g in %s", stage_dir, task.measure, metrics[task.measure], metrics["runtime"])
         return metrics
     except BaseException as err:
         error = err

@@ -35,7 +35,8 @@ class CausalLMTask:
         return {"val_loss_start": loss, "val_ppl_start": perplexity(loss)}
 
     def evaluate(self, model, datamodule, cfg: DictConfig) -> dict:
-        return model_metrics(model, evaluation_blocks(cfg, datamodule), cfg.data.batch_size, datamodule.tokenizer)
+        metrics = model_metrics(model, evaluation_blocks(cfg, datamodule), cfg.data.batch_size, datamodule.tokenizer)
+        return {**metrics, "eval_data": (cfg.get("eval_data") or cfg.data).name}
 
     def after_artifact(self, stage_dir: str, metrics: dict) -> None:
         pass
