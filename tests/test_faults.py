@@ -19,8 +19,6 @@ from framework.training import extra_callbacks
 from tests.test_train import CaptureModel, InterruptAt
 
 
-
-
 @contextlib.contextmanager
 def immutable(path):
     """The directory refuses every write, even root's (chattr +i; ext4 and most Linux filesystems)."""
