@@ -40,8 +40,11 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 @functools.lru_cache(maxsize=4)
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024, seconds: float = 0.5) -> float:
     """Dense matmul FLOP/s this machine reaches in `dtype` (the MFU denominator when none is configured)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    # Its own generator: drawing from the global one would shift dropout in whichever run measures first (the
+    # result is cached per process), so a distill stage's baseline and student would see different masks.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     (a @ b).sum().item()  # warm-up, and a sync on GPUs
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
