@@ -156,7 +156,11 @@ def composition_error(err: Exception, config_name: str, overrides: Sequence[str]
         key = cause.full_key
         cause_first = str(cause).splitlines()[0]
         if "not in" in cause_first:
-            return ConfigError(key, unknown_key_message(key.split(".")[-1], _keys_beside(config_name, key)))
+            beside = _keys_beside(config_name, key)
+            if key.split(".")[-1] in beside:  # the config has it: another override removed it
+                removed = next((o for o in overrides if o.startswith("~") and key.startswith(o[1:].split("=")[0])), None)
+                return ConfigError(key, f"was removed by '{removed}'" if removed else "was removed by another override")
+            return ConfigError(key, unknown_key_message(key.split(".")[-1], beside))
         match = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", cause_first)
         if match:
             return ConfigError(key, f"'{match[1]}' is not a{'n' if match[2][0] in 'AEIOU' else ''} {match[2].lower()}")

@@ -121,7 +121,8 @@ def test_pipeline_search_optimizes_a_stage_metric_under_a_constraint(tmp_path):
     bound on the pretrained model's val loss that the slowest learning rates miss."""
     command = [
         sys.executable, "recipes/pipeline.py", "experiment=tiny_pipeline", "hparams_search=tiny_student", f"paths.output_dir={tmp_path}",
-        "~pipeline.stages.finetune", "~pipeline.stages.prune", "~pipeline.stages.distill", "pipeline.stages.quantize.input=pretrain",
+        "~pipeline.stages.finetune", "~pipeline.stages.prune", "~pipeline.stages.distill", "~pipeline.stages.export",
+        "pipeline.stages.quantize.input=pretrain", "pipeline.evaluate_on=pretrain",
         "pipeline.stages.pretrain.groups.model=llama_nano", "pipeline.stages.pretrain.trainer.max_steps=20",
         "pipeline.stages.pretrain.trainer.val_check_interval=5",
         "+common.trainer.enable_progress_bar=false", "+common.data.max_val_blocks=8", "+common.precision.name=32-true",

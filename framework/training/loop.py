@@ -340,8 +340,12 @@ def convert(cfg: DictConfig, stage_dir: str | None, input_fingerprints: Sequence
         artifacts.write_artifact(stage_dir, lambda d: write_model(model, tokenizer, d), measure, cfg, stage_fingerprint)
         metrics = artifacts.read_metrics(stage_dir)
         task.after_artifact(stage_dir, metrics)
-        for logger in loggers:  # under the names of metrics.json, as a training stage logs them
-            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        # Under the names of metrics.json, as a training stage logs them, and its val measures as the one point
+        # of the val/ curves (val/loss, val/ppl, val/accuracy), where a one-shot training stage starts them.
+        curves = {f"val/{k.removeprefix('val_')}": v for k, v in numbers.items() if k.startswith("val_")}
+        for logger in loggers:
+            logger.log_metrics({**numbers, **curves}, step=0)
         log_stage_artifact(loggers, cfg.logger, stage_dir, metrics, stage_fingerprint)
         log.info("%s: %s %.4g in %s", stage_dir, task.measure, metrics[task.measure], metrics["runtime"])
         return metrics
