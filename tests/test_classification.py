@@ -43,12 +43,12 @@ PIPELINE = [
     "experiment=classify_compress",
     "+common.trainer.enable_progress_bar=false",
     "+common.precision.name=32-true",
-    "pipeline.stages.finetune.trainer.max_steps=40",
-    "pipeline.stages.finetune.trainer.val_check_interval=20",
+    # The teacher and the students train their full preset steps (150 and 100): a shorter teacher is no better
+    # than what its student learns alone, and then its soft targets cannot help (README: Text classification).
+    "pipeline.stages.finetune.trainer.val_check_interval=150",
     "pipeline.stages.prune.trainer.max_steps=0",
     "+pipeline.stages.prune.prune.calibration_samples=16",
-    "pipeline.stages.distill.trainer.max_steps=20",
-    "pipeline.stages.distill.trainer.val_check_interval=20",
+    "pipeline.stages.distill.trainer.val_check_interval=100",
 ]
 
 
@@ -108,15 +108,15 @@ def test_structured_pruning_removes_layers_and_channels_and_keeps_most_accuracy(
 
 
 @pytest.mark.slow
-def test_distilled_student_is_smaller_and_measured_against_the_same_student_without_a_teacher(pipeline_run):
+def test_distilled_student_is_smaller_and_beats_the_same_student_without_a_teacher(pipeline_run):
     run_dir, rows = pipeline_run
     metrics = metrics_of(run_dir / "distill")
     student = json.loads((run_dir / "distill" / artifacts.MODEL / "config.json").read_text())
     assert student["num_hidden_layers"] == 3 and metrics["params_total"] < metrics["teacher_params"]
     assert {"baseline_val_accuracy", "baseline_val_macro_f1"} <= set(metrics)
-    # Both students keep most of what the teacher's layers knew; whether the teacher's soft targets add to
-    # it at this scale is not settled yet (README: Text classification).
     assert min(metrics["val_accuracy"], metrics["baseline_val_accuracy"]) >= most_frequent_share(metrics) + 0.15
+    # The teacher's soft targets beat the labels alone for the same student, data and steps.
+    assert metrics["val_accuracy"] > metrics["baseline_val_accuracy"] or metrics["val_macro_f1"] > metrics["baseline_val_macro_f1"]
     assert rows["distill"]["baseline_val_accuracy"] == metrics["baseline_val_accuracy"]  # in the report
 
 
