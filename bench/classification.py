@@ -116,7 +116,7 @@ def classification_rows(quick: bool, out_dir: str, rounds: int = ROUNDS, extra: 
     steps = ", ".join(f"{stage.name} {stage.config.trainer.max_steps} steps" for stage in planned)
     description = (
         f"experiment=classify_compress ({steps}) in {run_dir}; "
-        f"val: {len(data.val)} examples of {len(data.labels)} classes (most frequent: {data.majority_accuracy:.1%})"
+        f"val: {len(data.val)} examples of {len(data.labels)} classes (always answering the training split's most frequent class: {data.majority_accuracy:.1%})"
     )
     return rows, description
 
