@@ -28,6 +28,8 @@ from framework.errors import ConfigError
 class TaskConfig:
     name: str = "causal_lm"  # causal_lm: next-token prediction | classification: a label per text (or text pair)
     lr: Optional[float] = None  # every stage's default learning rate for this task (null: each stage's own)
+    distill_temperature: Optional[float] = None  # distill's default temperature and alpha for this task (null: the loss's own)
+    distill_alpha: Optional[float] = None
 
 
 @dataclass

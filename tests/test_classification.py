@@ -256,3 +256,15 @@ def test_classifier_distillation_refuses_language_model_losses(tmp_path):
     with pytest.raises(ConfigError, match="a classifier distils with forward_kl") as error:
         STAGES["distill"].check(cfg)
     assert error.value.key == "distill.loss"
+
+
+def test_the_task_sets_distillations_defaults_and_the_command_line_still_wins(tmp_path):
+    from tests.conftest import compose_config
+
+    def soft_targets(*overrides):
+        d = compose_config("distill", [f"distill.teacher={tmp_path}", *overrides]).distill
+        return d.temperature, d.alpha
+
+    assert soft_targets("task=classification") == (8.0, 1.0)  # soft targets alone, at a high temperature
+    assert soft_targets("task=causal_lm") == (2.0, 0.5)
+    assert soft_targets("task=classification", "distill.temperature=3", "task.distill_alpha=0.7") == (3.0, 0.7)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from framework.config import to_schema
 from framework.errors import ConfigError
@@ -47,7 +48,8 @@ def test_every_config_option_composes_and_validates(group, option, tmp_path):
     extra = [o.format(text_file=text_file, smol_dir=smol_dir, tmp_path=tmp_path, csv_file=csv_file) for o in GROUP_NEEDS.get((group, option), [])]
     if group in STAGES:  # a stage's own group: its section composes into the stage's (or its method's) dataclass
         stage = STAGES[group]
-        section = compose_config(group, [f"{group}={option}"])[group]
+        # resolved where it sits (a section may read the task's defaults), as the stage's check reads it
+        section = OmegaConf.create(OmegaConf.to_container(compose_config(group, [f"{group}={option}"])[group], resolve=True))
         typed = stage.typed_section(section) if stage.methods else to_schema(section, stage.section_schema, prefix=group)
         assert set(typed) >= set(section)
         return
