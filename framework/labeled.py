@@ -213,8 +213,8 @@ class LabeledDataModule(pl.LightningDataModule):
         self.majority_accuracy = majority_accuracy(train, val)
         self.train = self._encode(train)
         self.val = self._encode(val)
-        log.info("data %s: %d train and %d val examples, %d classes (answering the training split's most frequent class scores %.1f%% on val)",
-                 data.name, len(train), len(val), len(self.labels), 100 * self.majority_accuracy)
+        log.info("data %s: %d train and %d val examples, %d classes (answering the training split's most frequent "
+                 "class scores %.1f%% on val)", data.name, len(train), len(val), len(self.labels), 100 * self.majority_accuracy)
 
     def _encode(self, examples: list[Example]) -> list[dict]:
         texts = [e.text for e in examples]
