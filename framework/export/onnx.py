@@ -89,7 +89,10 @@ def _trace(model, path: str) -> None:
 
 
 def export_onnx(model, directory: str, bits: int | None = None, block_size: int = 64) -> None:
-    """Write `directory`/model.onnx (+ model.onnx.data) and config.json; `bits`: MatMulNBits weights."""
+    """Write `directory`/model.onnx (+ model.onnx.data) and config.json; `bits`: MatMulNBits weights. A sequence
+    classifier is written as the graph of its logits (export_classifier_onnx)."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return export_classifier_onnx(model, directory, bits)
     import onnx
 
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight

@@ -55,10 +55,7 @@ class OnnxConfig:
 
     @staticmethod
     def write(model, tokenizer, directory: str, e: DictConfig, name: str) -> None:
-        if type(model).__name__.endswith("ForSequenceClassification"):
-            onnx.export_classifier_onnx(model, directory, bits=e.bits)
-        else:
-            onnx.export_onnx(model, directory, bits=e.bits, block_size=e.group_size)
+        onnx.export_onnx(model, directory, bits=e.bits, block_size=e.group_size)
 
 
 class ExportStage(Stage):

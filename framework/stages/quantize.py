@@ -22,7 +22,7 @@ from framework.compression import quantization
 from framework.config import one_of, positive
 from framework.errors import ConfigError
 from framework.export.onnx import BITS as ONNX_BITS
-from framework.export.onnx import CLASSIFIER_BITS, export_classifier_onnx, export_onnx
+from framework.export.onnx import CLASSIFIER_BITS, export_onnx
 from framework.hardware import uses_gpu
 from framework.stages.base import Stage
 from framework.training import StageHooks, convert, train
@@ -109,10 +109,7 @@ class QuantizeStage(Stage):
         label = {"quantization": f"int{q.bits}_{q.method}", "backend": q.backend, "qat": q.qat}
         if q.backend == "onnxruntime":
             def write(model, tokenizer, directory):
-                if cfg.task.name == "causal_lm":
-                    export_onnx(model, directory, bits=q.bits, block_size=q.group_size)
-                else:
-                    export_classifier_onnx(model, directory, bits=q.bits)
+                export_onnx(model, directory, bits=q.bits, block_size=q.group_size)
                 if q.hf_copy and q.bits == 8:  # after the export, which traced the fp32 model
                     self.save(quantization.quantize_ptq(model, "dynamic", 8), tokenizer, directory, q)
                 tokenizer.save_pretrained(directory)
